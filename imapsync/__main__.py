@@ -1,0 +1,3 @@
+from imapsync.cli import main
+
+raise SystemExit(main())

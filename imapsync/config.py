@@ -1,0 +1,409 @@
+"""Configuration: YAML file -> validated, immutable models with secrets resolved.
+
+Everything is checked before any network I/O, and every problem is reported at once
+as `FILE: key.path: problem` (see errors.ConfigError), so an administrator fixes the
+file in one go. Secrets come from the environment, a file or a command; they are held
+as pydantic SecretStr so that no repr, log line or traceback shows them.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import shlex
+import subprocess
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from imapsync.errors import ConfigError, ConfigProblem
+
+DEFAULT_CONFIG_NAME = "config.yaml"
+DEFAULT_LEDGER_NAME = "imapsync.sqlite3"
+#: Folders flagged with these SPECIAL-USE attributes are not archived unless included by name.
+DEFAULT_EXCLUDED_SPECIAL_USE = ("\\Trash", "\\Junk", "\\Drafts")
+#: The API's documented per-message limit.
+DEFAULT_MAX_MESSAGE_BYTES = 50 * 1024 * 1024
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "ki": 1024,
+               "m": 1000**2, "mb": 1000**2, "mib": 1024**2, "mi": 1024**2,
+               "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "gi": 1024**3}
+
+
+def _parse_size(value: Any) -> Any:
+    """Accept 1048576, '1MiB', '50MB' for byte sizes."""
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if not m:
+            raise ValueError(f"not a size: {value!r} (use e.g. 1048576, '16MiB' or '50MB')")
+        return int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()])
+    return value
+
+
+ByteSize = Annotated[int, BeforeValidator(_parse_size), Field(gt=0)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SecretSource(Strict):
+    """Where a secret comes from: exactly one of env, file or command."""
+
+    env: str | None = None
+    file: Path | None = None
+    command: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "SecretSource":
+        given = [k for k in ("env", "file", "command") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of env, file or command")
+        return self
+
+
+def _secret_source(value: Any) -> Any:
+    # An inline string is allowed (for quick trials) but never required.
+    if isinstance(value, str):
+        return {"inline": value}
+    return value
+
+
+class InlineSecret(Strict):
+    inline: str
+
+
+SecretSpec = Annotated[SecretSource | InlineSecret, BeforeValidator(_secret_source)]
+
+
+class TlsMode(str, Enum):
+    IMPLICIT = "implicit"  # TLS from the first byte (port 993)
+    STARTTLS = "starttls"  # plain connect, then STARTTLS is required
+    PLAIN = "plain"  # no TLS: loopback only unless allow_insecure
+
+
+class FolderFilter(Strict):
+    """Glob patterns on folder names (fnmatch, case-sensitive; INBOX matches any case)."""
+
+    include: list[str] = ["*"]
+    exclude: list[str] = []
+    exclude_special_use: list[str] = list(DEFAULT_EXCLUDED_SPECIAL_USE)
+
+
+class Account(Strict):
+    name: str = Field(min_length=1)
+    host: str = Field(min_length=1)
+    port: int | None = Field(default=None, ge=1, le=65535)
+    tls: TlsMode = TlsMode.IMPLICIT
+    verify_certificate: bool = True
+    ca_file: Path | None = None
+    allow_insecure: bool = False
+    username: str = Field(min_length=1)
+    password: SecretSpec
+    vault: str | None = None
+    folders: FolderFilter = FolderFilter()
+    timeout: float = Field(default=60.0, gt=0)
+
+    @property
+    def effective_port(self) -> int:
+        return self.port or (993 if self.tls == TlsMode.IMPLICIT else 143)
+
+
+class Tenant(Strict):
+    """One Vaultastic tenant: a primary domain with its endpoint and API key."""
+
+    domain: str = Field(min_length=3)
+    endpoint: str | None = None
+    api_key: SecretSpec | None = None
+    aliases: dict[str, str] = {}
+
+    @field_validator("domain")
+    @classmethod
+    def _domain(cls, v: str) -> str:
+        v = v.strip().lower()
+        if "@" in v or "." not in v or " " in v:
+            raise ValueError(f"not a domain name: {v!r}")
+        return v
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        # Like the vendor SDK: a bare host name means HTTPS.
+        if v is None:
+            return v
+        v = v.strip().rstrip("/")
+        return v if re.match(r"^https?://", v) else f"https://{v}"
+
+    @field_validator("aliases")
+    @classmethod
+    def _aliases(cls, v: dict[str, str]) -> dict[str, str]:
+        return {k.strip().lower(): t.strip().lower() for k, t in v.items()}
+
+
+class Upload(Strict):
+    """Retry and size policy for the sink (design rule 6)."""
+
+    max_attempts: int = Field(default=5, ge=1, le=50)
+    backoff_factor: float = Field(default=1.0, ge=0)
+    backoff_max: float = Field(default=60.0, ge=0)
+    timeout: float = Field(default=120.0, gt=0)
+    max_message_bytes: ByteSize = DEFAULT_MAX_MESSAGE_BYTES
+
+
+class Fetch(Strict):
+    batch_bytes: ByteSize = 16 * 1024 * 1024
+    batch_messages: int = Field(default=500, ge=1)
+
+
+class Config(Strict):
+    """The whole configuration, with the file it came from."""
+
+    ledger: str | None = None
+    sink: Literal["vaultastic", "directory"] = "vaultastic"
+    directory: Path | None = None
+    tenants: list[Tenant] = Field(min_length=1)
+    accounts: list[Account] = []
+    upload: Upload = Upload()
+    fetch: Fetch = Fetch()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Config":
+        problems: list[str] = []
+        names = [a.name for a in self.accounts]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            problems.append(f"accounts: duplicate account name(s): {', '.join(dupes)}")
+        domains = [t.domain for t in self.tenants]
+        if len(set(domains)) != len(domains):
+            problems.append("tenants: a domain is listed twice")
+        if self.sink == "directory" and self.directory is None:
+            problems.append("directory: required when sink is directory")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def tenant_for(self, domain: str) -> Tenant | None:
+        domain = domain.lower()
+        return next((t for t in self.tenants if t.domain == domain), None)
+
+
+class LoadedConfig:
+    """A validated Config plus what was resolved from outside it (paths, secrets)."""
+
+    def __init__(self, path: Path, config: Config, secrets: dict[str, SecretStr]):
+        self.path = path
+        self.config = config
+        self._secrets = secrets
+
+    def __repr__(self) -> str:  # never show secrets
+        return f"LoadedConfig({self.path})"
+
+    @property
+    def ledger_url(self) -> str:
+        url = self.config.ledger
+        if url is None:
+            return f"sqlite:///{self.path.parent.resolve() / DEFAULT_LEDGER_NAME}"
+        if "://" not in url:  # a plain path: a SQLite file, relative to the config
+            p = Path(url)
+            return f"sqlite:///{(p if p.is_absolute() else self.path.parent / p).resolve()}"
+        return url
+
+    @property
+    def directory(self) -> Path | None:
+        d = self.config.directory
+        if d is None:
+            return None
+        return d if d.is_absolute() else (self.path.parent / d).resolve()
+
+    def password(self, account: Account) -> SecretStr:
+        return self._secrets[f"accounts.{account.name}.password"]
+
+    def api_key(self, tenant: Tenant) -> SecretStr | None:
+        return self._secrets.get(f"tenants.{tenant.domain}.api_key")
+
+    def resolve_path(self, p: Path | None) -> Path | None:
+        if p is None:
+            return None
+        return p if p.is_absolute() else (self.path.parent / p).resolve()
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def default_config_path() -> Path:
+    return Path(os.environ.get("IMAPSYNC_CONFIG") or DEFAULT_CONFIG_NAME)
+
+
+def _is_tag(part: Any) -> bool:
+    """pydantic puts union-member and validator names in error locations; hide them."""
+    return isinstance(part, str) and (
+        part in ("SecretSource", "InlineSecret") or part.startswith("function-"))
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    """('accounts', 0, 'host') -> 'accounts[0].host'."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not _is_tag(part):
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _problem(err: dict[str, Any]) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "missing required key"
+    return err["msg"].removeprefix("Value error, ")
+
+
+def _problems_from(exc: ValidationError, data: Any) -> list[ConfigProblem]:
+    seen: set[tuple[str, str]] = set()
+    out: list[ConfigProblem] = []
+    for err in exc.errors(include_url=False):
+        loc = err["loc"]
+        tags = [p for p in loc if _is_tag(p)]
+        if tags:
+            # A secret is one of two shapes: report only against the shape written.
+            prefix = loc[: loc.index(tags[0])]
+            written_str = isinstance(_dig(data, prefix), str)
+            if any("InlineSecret" in str(t) for t in tags) != written_str:
+                continue
+        path, problem = _loc(loc), _problem(err)
+        if (path, problem) not in seen:
+            seen.add((path, problem))
+            out.append(ConfigProblem(path, problem))
+    return out
+
+
+def _raw_checks(data: dict[str, Any]) -> list[ConfigProblem]:
+    """Checks that must be reported even when the same entry has other problems."""
+    out = []
+    accounts = data.get("accounts")
+    for i, a in enumerate(accounts if isinstance(accounts, list) else []):
+        if (isinstance(a, dict) and a.get("tls") == "plain" and not a.get("allow_insecure")
+                and isinstance(a.get("host"), str) and not is_loopback(a["host"])):
+            out.append(ConfigProblem(
+                f"accounts[{i}].tls",
+                f"plain sends the password in clear to {a['host']}; use implicit or "
+                "starttls, or set allow_insecure: true"))
+    return out
+
+
+def _dig(data: Any, loc: tuple[Any, ...]) -> Any:
+    for part in loc:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+def _resolve_secret(spec: SecretSource | InlineSecret, base: Path) -> str:
+    if isinstance(spec, InlineSecret):
+        return spec.inline
+    if spec.env is not None:
+        value = os.environ.get(spec.env)
+        if not value:
+            raise ValueError(f"environment variable {spec.env} is not set")
+        return value
+    if spec.file is not None:
+        path = spec.file if spec.file.is_absolute() else base / spec.file
+        try:
+            return path.read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as e:
+            raise ValueError(f"cannot read secret file {path}: {e.strerror}") from None
+    assert spec.command is not None
+    try:
+        done = subprocess.run(shlex.split(spec.command), capture_output=True, text=True,
+                              timeout=30, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise ValueError(f"secret command failed: {type(e).__name__}") from None
+    if done.returncode != 0:
+        # stderr may echo the secret: do not show it
+        raise ValueError(f"secret command exited {done.returncode}")
+    value = done.stdout.rstrip("\r\n")
+    if not value:
+        raise ValueError("secret command printed nothing")
+    return value
+
+
+def parse(data: Any, file: str = "<config>", base: Path | None = None) -> LoadedConfig:
+    """Validate a config mapping and resolve its secrets; raise ConfigError with all problems."""
+    base = base or Path.cwd()
+    if not isinstance(data, dict):
+        raise ConfigError(file, [ConfigProblem("", "the file must hold a mapping of keys")])
+    problems: list[ConfigProblem] = _raw_checks(data)
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(file, _problems_from(e, data) + problems) from None
+    if problems:
+        raise ConfigError(file, problems)
+    secrets: dict[str, SecretStr] = {}
+    for i, account in enumerate(config.accounts):
+        try:
+            secrets[f"accounts.{account.name}.password"] = SecretStr(
+                _resolve_secret(account.password, base))
+        except ValueError as e:
+            problems.append(ConfigProblem(f"accounts[{i}].password", str(e)))
+        if account.ca_file is not None:
+            ca = account.ca_file if account.ca_file.is_absolute() else base / account.ca_file
+            if not ca.is_file():
+                problems.append(ConfigProblem(f"accounts[{i}].ca_file", f"no such file: {ca}"))
+    for i, tenant in enumerate(config.tenants):
+        if config.sink == "vaultastic":
+            if tenant.endpoint is None:
+                problems.append(ConfigProblem(f"tenants[{i}].endpoint", "required for sink vaultastic"))
+            if tenant.api_key is None:
+                problems.append(ConfigProblem(f"tenants[{i}].api_key", "required for sink vaultastic"))
+        if tenant.api_key is not None:
+            try:
+                secrets[f"tenants.{tenant.domain}.api_key"] = SecretStr(
+                    _resolve_secret(tenant.api_key, base))
+            except ValueError as e:
+                problems.append(ConfigProblem(f"tenants[{i}].api_key", str(e)))
+    if problems:
+        raise ConfigError(file, problems)
+    return LoadedConfig(Path(file), config, secrets)
+
+
+def load(path: Path) -> LoadedConfig:
+    """Read and validate a YAML config file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(str(path), [ConfigProblem("", "no such file (give --config PATH or set IMAPSYNC_CONFIG)")]) from None
+    except OSError as e:
+        raise ConfigError(str(path), [ConfigProblem("", f"cannot read: {e.strerror}")]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else ""
+        raise ConfigError(str(path), [ConfigProblem(where, f"not valid YAML: {getattr(e, 'problem', e)}")]) from None
+    loaded = parse(data if data is not None else {}, str(path), path.parent.resolve())
+    loaded.path = path
+    return loaded

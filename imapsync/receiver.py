@@ -1,0 +1,553 @@
+"""A local stand-in for the Vaultastic Mail Upload API, served over real HTTP on loopback.
+
+Why it exists: the vendor documents an SDK but not its wire format, so this project
+models the API as a two-step presigned upload (see docs: ``vaultastic-api.md``):
+``POST /v1/uploads`` asks for a slot, ``PUT /v1/put/{token}`` sends the raw message.
+Tests, benchmarks and the demo need something that speaks exactly that model over real
+sockets (keep-alive, concurrency, latency, injected faults), and that keeps what it
+receives on disk so a run can be checked byte for byte. An administrator can also point
+a configuration at it before pointing it at the real endpoint.
+
+What it stores: each completed upload as ``STORE/<uploadId>.eml`` (the exact bytes) plus
+one JSON line in ``STORE/uploads.jsonl``. On start the jsonl is read back, so a restarted
+receiver on the same store still answers 200 "complete" for a known requestId.
+
+Step 1 checks, in order: scripted answer, random fault (500 / 429), API key (missing or
+wrong -> always 403 ``forbidden``), JSON shape (400 ``bad_request``), addresses
+(400 ``invalid_recipient``), a recipient on primaryDomain (422), size (413), then
+idempotency: a completed requestId -> 200, a granted one -> 201 with the same uploadId
+and a fresh uploadUrl, the same requestId with another size/sha256 -> 409 ``conflict``.
+Step 2 needs no key (the token is the credential); checks: scripted answer, token
+(403 ``expired``), Content-Type message/rfc822 (400 ``bad_request``), size and sha256
+(400 ``digest_mismatch``). A repeated PUT on a completed token answers 200 again.
+
+Standard library only. Run it with ``python -m imapsync.receiver --store DIR``.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import ipaddress
+import json
+import os
+import random
+import re
+import signal
+import socket
+import socketserver
+import sys
+import threading
+import time
+import uuid
+from collections import Counter, deque
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, BinaryIO
+
+MAX_SIZE = 50 * 1024 * 1024
+EXPIRES_IN = 900
+API_KEY_ENV = "IMAPSYNC_RECEIVER_API_KEY"
+_CHUNK = 64 * 1024
+_MAX_JSON = 1024 * 1024
+_HEX = frozenset("0123456789abcdef")
+# Bodies of scripted integer answers; other statuses get {"error": "<reason_phrase>"}.
+_POST_BODIES: dict[int, dict[str, str]] = {
+    400: {"error": "bad_request", "detail": "scripted"}, 401: {"error": "forbidden"},
+    403: {"error": "forbidden"}, 413: {"error": "too_large"},
+    422: {"error": "no_primary_recipient"}, 429: {"error": "throttled"},
+    500: {"error": "internal_error"}}
+_PUT_BODIES: dict[int, dict[str, str]] = {403: {"error": "expired"}, 500: {"error": "internal_error"}}
+_POST_WORDS = frozenset({"drop", "lost", "invalid_recipient", "bad_request", "expire"})
+_PUT_WORDS = frozenset({"drop", "lost"})
+DROP = None  # a reply status of None means: close the connection without answering
+
+Reply = tuple[int | None, dict[str, Any], dict[str, str]]
+
+
+def _bad(detail: str) -> Reply:
+    return 400, {"error": "bad_request", "detail": detail}, {}
+
+
+def _canned(status: int, bodies: dict[int, dict[str, str]]) -> dict[str, str]:
+    return dict(bodies.get(status) or {"error": HTTPStatus(status).phrase.lower().replace(" ", "_")})
+
+
+def _is_address(value: object) -> bool:
+    if not isinstance(value, str) or value.count("@") != 1 or any(c.isspace() for c in value):
+        return False
+    local, domain = value.split("@")
+    return bool(local) and bool(domain)
+
+
+def _check(body: Any, max_size: int) -> Reply | dict[str, Any]:
+    """Validate a step-1 body: the cleaned request, or the error reply."""
+    if not isinstance(body, dict):
+        return _bad("body must be a JSON object")
+    for key in ("requestId", "primaryDomain", "sha256"):
+        if not isinstance(body.get(key), str) or not body[key]:
+            return _bad(f"{key} must be a non-empty string")
+    recipients, size, sender = body.get("recipients"), body.get("size"), body.get("sender")
+    if not isinstance(recipients, list):
+        return _bad("recipients must be a list")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        return _bad("size must be a non-negative integer")
+    sha = body["sha256"].lower()
+    if len(sha) != 64 or not set(sha) <= _HEX:
+        return _bad("sha256 must be 64 hex digits")
+    if sender is not None and not isinstance(sender, str):
+        return _bad("sender must be a string")
+    for who in [*recipients, *([sender] if sender is not None else [])]:
+        if not _is_address(who):
+            return 400, {"error": "invalid_recipient", "detail": f"not an address: {who!r}"}, {}
+    domain = body["primaryDomain"].lower()
+    if not any(r.rsplit("@", 1)[1].lower() == domain for r in recipients):
+        return 422, {"error": "no_primary_recipient"}, {}
+    if size > max_size:
+        return 413, {"error": "too_large"}, {}
+    return {"requestId": body["requestId"], "primaryDomain": body["primaryDomain"],
+            "recipients": list(recipients), "sender": sender, "size": size, "sha256": sha}
+
+
+@dataclass
+class _Slot:
+    upload_id: str
+    request: dict[str, Any]  # requestId, primaryDomain, recipients, sender, size, sha256
+    complete: bool = False
+
+
+@dataclass
+class _Token:
+    slot: _Slot
+    expires_at: float
+    expire_once: bool = False
+
+
+class Receiver:
+    """The upload API on loopback; thread-safe; ``with Receiver(store) as r: ...``."""
+
+    def __init__(self, store: Path, *, api_key: str | None = None, host: str = "127.0.0.1",
+                 port: int = 0, latency_ms: int = 0, fail_rate: float = 0.0,
+                 throttle_rate: float = 0.0, retry_after: int = 1, seed: int | None = None,
+                 max_size: int = MAX_SIZE, expires_in: int = EXPIRES_IN,
+                 verbose: bool = False) -> None:
+        if not (0.0 <= fail_rate <= 1.0 and 0.0 <= throttle_rate <= 1.0
+                and fail_rate + throttle_rate <= 1.0):
+            raise ValueError("fail_rate and throttle_rate must be in [0, 1] and sum to <= 1")
+        if latency_ms < 0 or retry_after < 0 or max_size < 0:
+            raise ValueError("latency_ms, retry_after and max_size must be >= 0")
+        self.store, self.api_key, self.host, self.port = Path(store), api_key, host, port
+        self.latency_ms, self.fail_rate, self.throttle_rate = latency_ms, fail_rate, throttle_rate
+        self.retry_after, self.max_size, self.expires_in = retry_after, max_size, expires_in
+        self.verbose = verbose
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self._scripts: dict[str, deque[int | str]] = {"post": deque(), "put": deque()}
+        self._slots: dict[str, _Slot] = {}
+        self._tokens: dict[str, _Token] = {}
+        self._uploads: list[dict[str, Any]] = []
+        self._counts = {"posts": 0, "puts": 0, "peak_in_flight": 0, "in_flight": 0, "drops": 0}
+        self._answers: Counter[int] = Counter()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._address: tuple[str, int] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------
+    def start(self) -> Receiver:
+        if self._server is not None:
+            raise RuntimeError("receiver already started")
+        self.store.mkdir(parents=True, exist_ok=True)
+        self._load()
+        server = _Server(self, (self.host, self.port))
+        self._address = (self.host, server.server_address[1])
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02},
+                                        name=f"receiver:{self._address[1]}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.close_connections()
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join()
+
+    def __enter__(self) -> Receiver:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        if self._address is None:
+            raise RuntimeError("receiver not started")
+        host, port = self._address
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    # -- scripting and inspection ----------------------------------------------------
+    def script(self, *answers: int | str) -> None:
+        """Queue answers for the next step-1 requests (see module docstring)."""
+        self._queue("post", answers, _POST_WORDS)
+
+    def script_put(self, *answers: int | str) -> None:
+        """Queue answers for the next step-2 PUTs: an HTTP status, "drop" or "lost"."""
+        self._queue("put", answers, _PUT_WORDS)
+
+    def _queue(self, step: str, answers: tuple[int | str, ...], words: frozenset[str]) -> None:
+        for a in answers:
+            ok = a in words if isinstance(a, str) else (
+                isinstance(a, int) and not isinstance(a, bool) and 400 <= a <= 599)
+            if not ok:
+                raise ValueError(f"unknown scripted answer {a!r}")
+        with self._lock:
+            self._scripts[step].extend(answers)
+
+    def uploads(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(u) for u in self._uploads]
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {**self._counts, "answers": Counter(self._answers)}
+
+    # -- state -----------------------------------------------------------------------
+    def _load(self) -> None:
+        slots: dict[str, _Slot] = {}
+        uploads: list[dict[str, Any]] = []
+        path = self.store / "uploads.jsonl"
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    meta = json.loads(line)
+                    rid, uid = meta["requestId"], meta["uploadId"]
+                except (ValueError, KeyError, TypeError):
+                    continue  # a torn last line from a crash, or junk: not an upload
+                if rid not in slots:
+                    request = {k: meta.get(k) for k in
+                               ("requestId", "primaryDomain", "recipients", "sender", "size", "sha256")}
+                    slots[rid] = _Slot(uid, request, complete=True)
+                    uploads.append(meta)
+        with self._lock:
+            self._slots, self._tokens, self._uploads = slots, {}, uploads
+
+    def _enter(self, kind: str) -> None:
+        with self._lock:
+            c = self._counts
+            c[kind] += 1
+            c["in_flight"] += 1
+            c["peak_in_flight"] = max(c["peak_in_flight"], c["in_flight"])
+
+    def _leave(self, dropped: bool = False) -> None:
+        with self._lock:
+            self._counts["in_flight"] -= 1
+            self._counts["drops"] += dropped
+
+    def _next(self, step: str) -> int | str | None:
+        with self._lock:
+            queue = self._scripts[step]
+            return queue.popleft() if queue else None
+
+    def _delay(self) -> None:
+        if self.latency_ms:
+            time.sleep(self.latency_ms / 1000)
+
+    # -- step 1 ----------------------------------------------------------------------
+    def _post(self, raw: bytes, key: str | None, base: str) -> Reply:
+        scripted = self._next("post")
+        if isinstance(scripted, int):
+            extra = {"Retry-After": str(self.retry_after)} if scripted == 429 else {}
+            return scripted, _canned(scripted, _POST_BODIES), extra
+        if scripted == "drop":
+            return DROP, {}, {}
+        if scripted in ("invalid_recipient", "bad_request"):
+            return 400, {"error": scripted, "detail": "scripted"}, {}
+        if scripted is None and (self.fail_rate or self.throttle_rate):
+            with self._lock:
+                r = self._rng.random()
+            if r < self.fail_rate:
+                return 500, {"error": "internal_error"}, {}
+            if r < self.fail_rate + self.throttle_rate:
+                return 429, {"error": "throttled"}, {"Retry-After": str(self.retry_after)}
+        if self.api_key is not None and not hmac.compare_digest(
+                (key or "").encode("utf-8", "replace"), self.api_key.encode("utf-8", "replace")):
+            return 403, {"error": "forbidden"}, {}
+        try:
+            checked = _check(json.loads(raw), self.max_size)
+        except ValueError:
+            return _bad("body is not valid JSON")
+        if isinstance(checked, tuple):
+            return checked
+        reply = self._grant(checked, base, expire_once=scripted == "expire")
+        return (DROP, {}, {}) if scripted == "lost" else reply
+
+    def _grant(self, req: dict[str, Any], base: str, expire_once: bool) -> Reply:
+        with self._lock:
+            slot = self._slots.get(req["requestId"])
+            if slot is not None and (slot.request["size"], slot.request["sha256"]) != (
+                    req["size"], req["sha256"]):
+                return 409, {"error": "conflict",
+                             "detail": "requestId already used with another size/sha256"}, {}
+            if slot is not None and slot.complete:
+                return 200, {"uploadId": slot.upload_id, "status": "complete"}, {}
+            if slot is None:
+                slot = self._slots[req["requestId"]] = _Slot(str(uuid.uuid4()), req)
+            token = uuid.uuid4().hex
+            self._tokens[token] = _Token(slot, time.monotonic() + self.expires_in, expire_once)
+        return 201, {"uploadId": slot.upload_id, "uploadUrl": f"{base}/v1/put/{token}",
+                     "expiresIn": self.expires_in}, {}
+
+    # -- step 2 ----------------------------------------------------------------------
+    def _put(self, token: str, ctype: str, length: int, body: BinaryIO) -> Reply:
+        scripted = self._next("put")
+        tmp = self.store / f".incoming-{uuid.uuid4().hex}.part"
+        try:
+            digest, got = hashlib.sha256(), 0
+            with tmp.open("wb") as out:
+                while got < length:
+                    chunk = body.read(min(_CHUNK, length - got))
+                    if not chunk:
+                        return DROP, {}, {}  # the client went away mid-body
+                    digest.update(chunk)
+                    out.write(chunk)
+                    got += len(chunk)
+            if scripted == "drop":
+                return DROP, {}, {}
+            if isinstance(scripted, int):
+                if scripted == 403:
+                    with self._lock:
+                        self._tokens.pop(token, None)
+                return scripted, _canned(scripted, _PUT_BODIES), {}
+            reply = self._complete(token, ctype, length, digest.hexdigest(), tmp)
+            return (DROP, {}, {}) if scripted == "lost" else reply
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _complete(self, token: str, ctype: str, size: int, sha: str, tmp: Path) -> Reply:
+        with self._lock:
+            entry = self._tokens.get(token)
+            if entry is not None and (entry.expire_once or time.monotonic() > entry.expires_at):
+                del self._tokens[token]
+                entry = None
+            if entry is None:
+                return 403, {"error": "expired"}, {}
+            if ctype != "message/rfc822":
+                return _bad("Content-Type must be message/rfc822")
+            slot = entry.slot
+            if (size, sha) != (slot.request["size"], slot.request["sha256"]):
+                return 400, {"error": "digest_mismatch"}, {}
+            if not slot.complete:
+                os.replace(tmp, self.store / f"{slot.upload_id}.eml")
+                meta = {"uploadId": slot.upload_id, **slot.request,
+                        "receivedAt": datetime.now(timezone.utc).isoformat(timespec="milliseconds")}
+                with (self.store / "uploads.jsonl").open("a", encoding="utf-8") as f:
+                    f.write(json.dumps(meta) + "\n")
+                slot.complete = True
+                self._uploads.append(meta)
+        return 200, {"uploadId": slot.upload_id, "status": "complete"}, {"ETag": f'"{sha}"'}
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # room for 64+ concurrent clients connecting at once
+
+    def __init__(self, receiver: Receiver, address: tuple[str, int]) -> None:
+        self.receiver = receiver
+        self.connections: set[socket.socket] = set()
+        self.connections_lock = threading.Lock()
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, _Handler)
+
+    def server_bind(self) -> None:  # skip HTTPServer's getfqdn(), which may hit DNS
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self.connections_lock:
+            self.connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self.connections_lock:
+            self.connections.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        """End idle keep-alive connections so no handler outlives stop()."""
+        with self.connections_lock:
+            sockets = list(self.connections)
+        for s in sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)  # a real bug: show the traceback
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "imapsync-receiver/1"
+    sys_version = ""
+    disable_nagle_algorithm = True
+    timeout = 120
+    server: _Server
+    _counted = False
+
+    def do_GET(self) -> None:
+        if self.path.split("?")[0] == "/v1/health":
+            self._reply((200, {"status": "ok"}, {}))
+        else:
+            self._reply((404, {"error": "not_found"}, {}))
+
+    def do_POST(self) -> None:
+        rx = self.server.receiver
+        if self.path.split("?")[0] != "/v1/uploads":
+            self.close_connection = True
+            return self._reply((404, {"error": "not_found"}, {}))
+        rx._enter("posts")
+        self._counted = True
+        try:
+            rx._delay()
+            length = self._length()
+            if length is None or length > _MAX_JSON:
+                self.close_connection = True
+                return self._reply(_bad("a JSON body with Content-Length (<= 1 MiB) is required"))
+            raw = self.rfile.read(length)
+            host = rx.host in ("0.0.0.0", "::") and self.headers.get("Host")
+            self._reply(rx._post(raw, self.headers.get("x-api-key"),
+                                 f"http://{host}" if host else rx.url))
+        finally:
+            self._uncount()
+
+    def do_PUT(self) -> None:
+        rx = self.server.receiver
+        path = self.path.split("?")[0]
+        if not path.startswith("/v1/put/"):
+            self.close_connection = True
+            return self._reply((404, {"error": "not_found"}, {}))
+        rx._enter("puts")
+        self._counted = True
+        try:
+            rx._delay()
+            length = self._length()
+            if length is None or length > rx.max_size:
+                self.close_connection = True  # the body stays unread: do not reuse
+                return self._reply((413, {"error": "too_large"}, {}) if length else
+                                   _bad("Content-Length is required"))
+            ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+            self._reply(rx._put(path[len("/v1/put/"):], ctype, length, self.rfile))
+        finally:
+            self._uncount()
+
+    def _length(self) -> int | None:
+        try:
+            n = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            return None
+        return n if n >= 0 else None
+
+    def _uncount(self, dropped: bool = False) -> None:
+        if self._counted:
+            self._counted = False
+            self.server.receiver._leave(dropped)
+
+    def _reply(self, reply: Reply) -> None:
+        """Send a JSON answer (or drop the connection). In-flight ends as it is handed over."""
+        status, body, headers = reply
+        if status is None:
+            self._uncount(dropped=True)
+            self.close_connection = True
+            self.log_message("%s dropped", self.requestline)
+            return
+        data = json.dumps(body).encode()
+        self._uncount()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in headers.items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        rx = self.server.receiver
+        with rx._lock:
+            rx._answers[code] += 1
+        super().send_response(code, message)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib name)
+        if self.server.receiver.verbose:  # request line only: never headers, so never the key
+            line = re.sub(r"/v1/put/[^\s\"']+", "/v1/put/<token>", format % args)
+            sys.stderr.write(f"receiver: {self.address_string()} {line}\n")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m imapsync.receiver",
+                                description="Serve the Vaultastic upload API model locally.")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="0 picks a free port (printed)")
+    p.add_argument("--store", type=Path, required=True, help="directory for .eml + uploads.jsonl")
+    p.add_argument("--api-key", help=f"required x-api-key (or set {API_KEY_ENV})")
+    p.add_argument("--latency-ms", type=int, default=0)
+    p.add_argument("--fail-rate", type=float, default=0.0, help="probability of 500 per step 1")
+    p.add_argument("--throttle-rate", type=float, default=0.0, help="probability of 429 per step 1")
+    p.add_argument("--retry-after", type=int, default=1)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--max-size", type=int, default=MAX_SIZE)
+    p.add_argument("--verbose", action="store_true", help="log one line per request to stderr")
+    p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --host")
+    args = p.parse_args(argv)
+    if not args.allow_remote and not _is_loopback(args.host):
+        print(f"receiver: refusing non-loopback host {args.host!r} without --allow-remote",
+              file=sys.stderr)
+        return 2
+    try:
+        receiver = Receiver(args.store, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+                            host=args.host, port=args.port, latency_ms=args.latency_ms,
+                            fail_rate=args.fail_rate, throttle_rate=args.throttle_rate,
+                            retry_after=args.retry_after, seed=args.seed,
+                            max_size=args.max_size, verbose=args.verbose).start()
+    except (OSError, ValueError) as exc:
+        print(f"receiver: cannot start: {exc}", file=sys.stderr)
+        return 1
+    done = threading.Event()
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda signum, frame: done.set())
+    try:
+        print(f"receiver listening on {receiver.url}, storing in {args.store}", flush=True)
+        while not done.wait(0.5):
+            pass
+    finally:
+        receiver.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

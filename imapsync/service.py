@@ -1,0 +1,106 @@
+"""Wires a loaded config into ledger, sinks and IMAP sources, and runs passes.
+
+This is where configuration becomes objects; the sync algorithm itself (sync.py)
+never reads the config file, and the CLI only turns the outcome into words.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from imapsync.config import Account, LoadedConfig
+from imapsync.errors import ExitCode
+from imapsync.imap_source import ImapSource
+from imapsync.ledger import Ledger
+from imapsync.sinks.base import Outcome, Sink
+from imapsync.sinks.directory import DirectorySink
+from imapsync.sinks.vaultastic import VaultasticSink
+from imapsync.sync import AccountResult, Counts, Settings, TenantGate, sync_account
+
+log = logging.getLogger("imapsync")
+
+
+def make_sinks(loaded: LoadedConfig) -> dict[str, Sink]:
+    """One sink per tenant (primary domain)."""
+    cfg = loaded.config
+    if cfg.sink == "directory":
+        shared = DirectorySink(loaded.directory)  # type: ignore[arg-type]
+        return {t.domain: shared for t in cfg.tenants}
+    up = cfg.upload
+    return {
+        t.domain: VaultasticSink(t.domain, t.endpoint or "", loaded.api_key(t).get_secret_value(),  # type: ignore[union-attr]
+                                 max_attempts=up.max_attempts, backoff_factor=up.backoff_factor,
+                                 backoff_max=up.backoff_max, timeout=up.timeout)
+        for t in cfg.tenants
+    }
+
+
+def settings_of(loaded: LoadedConfig) -> Settings:
+    cfg = loaded.config
+    return Settings(
+        domains_aliases={t.domain: dict(t.aliases) for t in cfg.tenants},
+        max_message_bytes=cfg.upload.max_message_bytes,
+        batch_bytes=cfg.fetch.batch_bytes,
+        batch_messages=cfg.fetch.batch_messages,
+    )
+
+
+def connector(loaded: LoadedConfig, account: Account):
+    def connect() -> ImapSource:
+        return ImapSource(account, loaded.password(account).get_secret_value(),
+                          loaded.resolve_path(account.ca_file))
+    return connect
+
+
+@dataclass
+class PassResult:
+    """The outcome of one pass over several accounts, and the exit code it means."""
+
+    accounts: list[AccountResult] = field(default_factory=list)
+    gate: TenantGate = field(default_factory=TenantGate)
+
+    @property
+    def totals(self) -> Counts:
+        total = Counts()
+        for r in self.accounts:
+            total.merge(r.counts)
+        return total
+
+    @property
+    def exit_code(self) -> ExitCode:
+        if any(r.outcome is Outcome.FORBIDDEN for r in self.gate.closed.values()):
+            return ExitCode.CONFIG
+        if any(r.error for r in self.accounts):
+            return ExitCode.ACCOUNT_FAILED
+        t = self.totals
+        if t.failed or t.pending:
+            return ExitCode.UPLOAD_FAILED
+        return ExitCode.OK
+
+    def summary(self) -> str:
+        t = self.totals
+        failed_accounts = [r.account for r in self.accounts if r.error]
+        line = (f"{len(self.accounts)} account(s): {t.uploaded} uploaded, {t.duplicate} duplicate, "
+                f"{t.skipped} skipped, {t.failed} failed, {t.pending} pending")
+        if failed_accounts:
+            line += f"; account error: {', '.join(failed_accounts)}"
+        for tenant, r in sorted(self.gate.closed.items()):
+            line += f"; tenant {tenant}: {r.detail}"
+        return line
+
+
+def run_pass(loaded: LoadedConfig, ledger: Ledger, account_names: list[str] | None = None,
+             kind: str = "sync") -> PassResult:
+    """One pass over the selected accounts (all by default), one after the other."""
+    accounts = [a for a in loaded.config.accounts if not account_names or a.name in account_names]
+    sinks = make_sinks(loaded)
+    settings = settings_of(loaded)
+    result = PassResult()
+    try:
+        for account in accounts:
+            result.accounts.append(sync_account(account, connector(loaded, account), ledger, sinks,
+                                                settings, result.gate, kind=kind))
+    finally:
+        for sink in {id(s): s for s in sinks.values()}.values():  # a shared sink closes once
+            sink.close()
+    return result

@@ -1,0 +1,109 @@
+"""The sinks against real endpoints: the Vaultastic HTTP sink against the local
+receiver (one test per row of the API's answer table), and the directory sink."""
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from conftest import API_KEY
+
+from imapsync.sinks.base import Outcome, UploadRequest
+from imapsync.sinks.directory import DirectorySink
+from imapsync.sinks.vaultastic import VaultasticSink
+
+RAW = b"From: a@acme.com\r\nTo: b@acme.com\r\nSubject: s\r\n\r\nbody\r\n"
+
+
+def request(vaults=("b@acme.com",), raw=RAW, key="m:1") -> UploadRequest:
+    return UploadRequest(key, "acme.com", tuple(vaults), "a@acme.com", raw)
+
+
+@pytest.fixture
+def sink(receiver):
+    s = VaultasticSink("acme.com", receiver.url, API_KEY, max_attempts=3, backoff_factor=0.01, backoff_max=0.05,
+                       timeout=10)
+    yield s
+    s.close()
+
+
+def test_upload_stores_the_exact_bytes_with_vaults_and_sender(sink, receiver):
+    result = sink.upload(request(("b@acme.com", "c@acme.com")))
+    assert result.outcome is Outcome.UPLOADED and result.attempts == 1
+    [up] = receiver.uploads()
+    assert up["recipients"] == ["b@acme.com", "c@acme.com"] and up["sender"] == "a@acme.com"
+    assert up["sha256"] == hashlib.sha256(RAW).hexdigest()
+    assert (receiver.store / f"{up['uploadId']}.eml").read_bytes() == RAW
+
+
+def test_same_request_again_is_not_stored_twice(sink, receiver):
+    first, again = sink.upload(request()), sink.upload(request())
+    assert first.outcome is again.outcome is Outcome.UPLOADED
+    assert first.upload_id == again.upload_id and len(receiver.uploads()) == 1
+
+
+@pytest.mark.parametrize("answer,outcome,reason", [
+    ("invalid_recipient", Outcome.PERMANENT, "invalid_recipient"),
+    ("bad_request", Outcome.PERMANENT, "bad_request"),
+    (403, Outcome.FORBIDDEN, "forbidden"),
+    (401, Outcome.FORBIDDEN, "forbidden"),
+    (413, Outcome.PERMANENT, "too_large"),
+    (422, Outcome.PERMANENT, "no_primary_recipient"),
+])
+def test_permanent_answers_are_not_retried(sink, receiver, answer, outcome, reason):
+    receiver.script(answer)
+    result = sink.upload(request())
+    assert (result.outcome, result.reason, result.attempts) == (outcome, reason, 1)
+    assert receiver.stats["posts"] == 1 and receiver.uploads() == []
+
+
+def test_throttling_is_retried_after_retry_after(tmp_path):
+    from imapsync.receiver import Receiver
+    with Receiver(tmp_path / "r", api_key=API_KEY, retry_after=0) as r:
+        s = VaultasticSink("acme.com", r.url, API_KEY, max_attempts=3, backoff_factor=0.01)
+        r.script(429, 429)
+        result = s.upload(request())
+        assert result.outcome is Outcome.UPLOADED and result.attempts == 3
+        assert r.stats["answers"][429] == 2 and len(r.uploads()) == 1
+
+
+def test_server_errors_past_the_budget_fail_with_reason(sink, receiver):
+    receiver.script(500, 500, 500)
+    result = sink.upload(request())
+    assert (result.outcome, result.reason, result.attempts) == (Outcome.FAILED, "server_error", 3)
+    assert receiver.uploads() == []
+
+
+def test_dropped_connection_is_retried(sink, receiver):
+    receiver.script("drop")
+    assert sink.upload(request()).outcome is Outcome.UPLOADED
+    assert len(receiver.uploads()) == 1
+
+
+def test_expired_slot_asks_again_with_the_same_request_id(sink, receiver):
+    receiver.script("expire")
+    result = sink.upload(request())
+    assert result.outcome is Outcome.UPLOADED and len(receiver.uploads()) == 1
+    assert receiver.stats["posts"] == 2
+
+
+def test_put_failing_past_the_budget_is_s3_upload_failed(sink, receiver):
+    receiver.script_put(500, 500, 500)
+    result = sink.upload(request())
+    assert (result.outcome, result.reason) == (Outcome.FAILED, "s3_upload_failed")
+
+
+def test_unreachable_endpoint(receiver):
+    url = receiver.url
+    receiver.stop()
+    s = VaultasticSink("acme.com", url, API_KEY, max_attempts=2, backoff_factor=0.01)
+    result = s.upload(request())
+    assert result.outcome is Outcome.UNREACHABLE and API_KEY not in (result.detail or "")
+
+
+def test_directory_sink_writes_each_upload_once(tmp_path):
+    sink = DirectorySink(tmp_path / "out")
+    assert sink.upload(request()).outcome is Outcome.UPLOADED
+    assert sink.upload(request()).outcome is Outcome.UPLOADED
+    files = list((tmp_path / "out" / "acme.com").glob("*.eml"))
+    assert len(files) == 1 and files[0].read_bytes() == RAW
+    assert len((tmp_path / "out" / "acme.com" / "index.jsonl").read_text().splitlines()) == 1

@@ -1,0 +1,248 @@
+"""The core pipeline end to end: Dovecot on loopback, the receiver over HTTP, a SQLite
+ledger, and `imapsync sync` run as a real process (issue: core pipeline)."""
+from __future__ import annotations
+
+import json
+
+from conftest import DOMAIN
+from mail import message
+
+from imapsync.testing.imap_proxy import CommandRecorder
+
+
+def uploads_by_subject(receiver) -> dict[str, list[dict]]:
+    """Each stored upload's metadata, grouped by the Subject of the stored .eml."""
+    out: dict[str, list[dict]] = {}
+    for up in receiver.uploads():
+        raw = (receiver.store / f"{up['uploadId']}.eml").read_bytes()
+        subject = next(line[9:].decode() for line in raw.split(b"\r\n") if line.startswith(b"Subject: "))
+        out.setdefault(subject, []).append(up)
+    return out
+
+
+def test_first_pass_uploads_everything_once_and_second_pass_only_asks_status(
+        new_mailbox, receiver, env, dovecot):
+    alice = new_mailbox("alice")
+    m1 = message("Ext <ext@outside.example>", alice.user, "one")
+    m2 = message(alice.user, f"bob@{DOMAIN}, carol@other.example", "two", cc=f"dave@{DOMAIN}")
+    m3 = message("news@list.example", "list@list.example", "three", extra=[f"Delivered-To: {alice.user}"])
+    alice.deliver(m1)
+    alice.deliver(m2, "Sent")
+    alice.deliver(m3, "Lists/Weekly")
+    alice.deliver(message("x@outside.example", alice.user, "in trash"), "Trash")
+    alice.deliver(message("x@outside.example", alice.user, "a draft"), "Drafts")
+    with CommandRecorder(dovecot.host, dovecot.port) as proxy:
+        env.write([env.account(alice, port=proxy.port)], endpoint=receiver.url)
+        code, out, err = env.sync()
+        assert code == 0, err
+        assert "3 uploaded" in out
+
+        got = uploads_by_subject(receiver)
+        assert sorted(got) == ["one", "three", "two"]  # Trash and Drafts are not archived
+        assert all(len(v) == 1 for v in got.values())
+        assert got["one"][0]["recipients"] == [alice.user]
+        assert sorted(got["two"][0]["recipients"]) == sorted([alice.user, f"bob@{DOMAIN}", f"dave@{DOMAIN}"])
+        assert got["two"][0]["sender"] == alice.user
+        assert got["three"][0]["recipients"] == [alice.user]
+        stored = {up["uploadId"]: (receiver.store / f"{up['uploadId']}.eml").read_bytes()
+                  for ups in got.values() for up in ups}
+        assert sorted(stored.values()) == sorted([m1, m2, m3])  # byte for byte
+
+        proxy.clear()
+        code, out, err = env.sync()
+        assert code == 0, err
+        assert "0 uploaded" in out
+        assert len(receiver.uploads()) == 3
+        sent = set(proxy.commands)
+        assert "STATUS" in sent
+        assert not sent & {"EXAMINE", "SELECT", "FETCH", "UID FETCH", "UID SEARCH", "SEARCH"}, proxy.commands
+
+
+def test_message_appended_between_passes_is_the_only_upload(new_mailbox, receiver, env):
+    alice = new_mailbox("alice")
+    for i in range(3):
+        alice.deliver(message(to=alice.user, subject=f"old {i}"))
+    env.write([env.account(alice)], endpoint=receiver.url)
+    assert env.sync()[0] == 0
+    alice.deliver(message(to=alice.user, subject="new"))
+    code, out, _ = env.sync()
+    assert code == 0 and "1 uploaded" in out
+    assert sorted(uploads_by_subject(receiver)) == ["new", "old 0", "old 1", "old 2"]
+
+
+def test_mailbox_is_never_changed(new_mailbox, receiver, env, dovecot):
+    alice = new_mailbox("alice")
+    alice.deliver(message(to=alice.user), flags="")
+    alice.deliver(message(to=alice.user), flags="\\Flagged")
+    alice.deliver(message(to=alice.user), "Archive", flags="\\Answered")
+    before = {f: alice.flags(f) for f in ("INBOX", "Archive")}
+    folders_before = dovecot.doveadm("mailbox", "list", "-u", alice.user)
+    with CommandRecorder(dovecot.host, dovecot.port) as proxy:
+        env.write([env.account(alice, port=proxy.port)], endpoint=receiver.url)
+        assert env.sync()[0] == 0
+        assert env.sync()[0] == 0
+    assert {f: alice.flags(f) for f in ("INBOX", "Archive")} == before
+    assert all("\\Seen" not in flags for f in before.values() for flags in f.values())
+    assert dovecot.doveadm("mailbox", "list", "-u", alice.user) == folders_before
+    assert len(receiver.uploads()) == 3
+    assert not set(proxy.commands) & {"SELECT", "STORE", "UID STORE", "EXPUNGE", "UID EXPUNGE", "MOVE",
+                                      "UID MOVE", "COPY", "UID COPY", "APPEND", "DELETE", "CREATE", "RENAME"}
+    assert "EXAMINE" in proxy.commands
+
+
+def test_same_message_id_in_two_folders_is_uploaded_once(new_mailbox, receiver, env):
+    alice = new_mailbox("alice")
+    raw = message(to=alice.user, subject="twice", msgid="<same-1@mailer.example>")
+    alice.deliver(raw)
+    alice.deliver(raw, "Archive")
+    env.write([env.account(alice)], endpoint=receiver.url)
+    code, out, _ = env.sync()
+    assert code == 0 and "1 uploaded, 1 duplicate" in out
+    assert len(receiver.uploads()) == 1
+
+
+def test_second_account_uploads_only_the_vault_not_yet_covered(new_mailbox, receiver, env):
+    alice, bob = new_mailbox("alice"), new_mailbox("bob")
+    # A list mail to neither of them by address: each copy's vault is its mailbox owner.
+    raw = message("news@list.example", "members@list.example", "list mail", msgid="<list-1@list.example>")
+    alice.deliver(raw)
+    bob.deliver(raw)
+    env.write([env.account(alice), env.account(bob)], endpoint=receiver.url)
+    code, out, _ = env.sync()
+    assert code == 0 and "2 uploaded" in out
+    recipients = [up["recipients"] for up in receiver.uploads()]
+    assert recipients == [[alice.user], [bob.user]]
+    assert env.sync()[0] == 0
+    assert len(receiver.uploads()) == 2
+
+
+def test_message_without_message_id_is_keyed_by_fingerprint(new_mailbox, receiver, env):
+    alice = new_mailbox("alice")
+    raw = message("scanner@devices.example", alice.user, "scan", msgid=None)
+    alice.deliver(b"Received: from a by b; Mon, 5 Jan 2026 08:00:00 +0000\r\n" + raw)
+    env.write([env.account(alice)], endpoint=receiver.url)
+    assert env.sync()[0] == 0
+    # the same message again, delivered through another hop, in another folder
+    alice.deliver(b"Received: from c by d; Mon, 5 Jan 2026 09:00:00 +0000\r\n" + raw, "Archive")
+    code, out, _ = env.sync()
+    assert code == 0 and "0 uploaded, 1 duplicate" in out
+    assert len(receiver.uploads()) == 1
+    keys = env.sql("SELECT key, fingerprint FROM messages")
+    assert len(keys) == 1 and keys[0][0].startswith("f:") and keys[0][0] == keys[0][1]
+
+
+def test_uidvalidity_reset_uploads_nothing_again(new_mailbox, receiver, env, dovecot):
+    alice = new_mailbox("alice")
+    raws = [message(to=alice.user, subject=f"m{i}") for i in range(3)] + [
+        message(to=alice.user, subject="no id", msgid=None)]
+    for raw in raws:
+        alice.deliver(raw, "Projects")
+    env.write([env.account(alice)], endpoint=receiver.url)
+    assert env.sync()[0] == 0
+    old = next(f for f in env.status()["accounts"][0]["folders"] if f["folder"] == "Projects")["uidvalidity"]
+    dovecot.delete_folder(alice.user, "Projects")
+    dovecot.create_folder(alice.user, "Projects")
+    for raw in raws:
+        alice.deliver(raw, "Projects")
+    code, out, _ = env.sync()
+    assert code == 0 and "0 uploaded, 4 duplicate" in out
+    assert len(receiver.uploads()) == 4
+    folder = next(f for f in env.status()["accounts"][0]["folders"] if f["folder"] == "Projects")
+    assert folder["uidvalidity"] != old
+    assert folder["counts"]["duplicate"] == 4
+
+
+def test_no_primary_recipient_is_skipped_with_reason_and_listed(new_mailbox, receiver, env):
+    shared = new_mailbox("info", domain="partner.example")
+    shared.deliver(message("a@elsewhere.example", shared.user, "outsiders only",
+                           msgid="<outsiders@elsewhere.example>"))
+    shared.deliver(message("a@elsewhere.example", shared.user, "cc alice", cc=f"alice@{DOMAIN}"))
+    env.write([env.account(shared, name="shared")], endpoint=receiver.url)
+    code, out, _ = env.sync()
+    assert code == 0 and "1 uploaded" in out and "1 skipped" in out
+    assert [up["recipients"] for up in receiver.uploads()] == [[f"alice@{DOMAIN}"]]
+    problems = env.status()["not_archived"]
+    assert [(p["state"], p["reason"], p["message_id"]) for p in problems] == [
+        ("skipped", "no_primary_recipient", "<outsiders@elsewhere.example>")]
+    code, text, _ = env.cli("status")
+    assert "no_primary_recipient" in text and "<outsiders@elsewhere.example>" in text
+
+
+def test_receiver_errors_are_retried_and_attempts_recorded(new_mailbox, receiver, env):
+    alice = new_mailbox("alice")
+    alice.deliver(message(to=alice.user, subject="flaky", msgid="<flaky@mailer.example>"))
+    receiver.script(500, 500)
+    env.write([env.account(alice)], endpoint=receiver.url)
+    code, out, _ = env.sync()
+    assert code == 0 and "1 uploaded" in out
+    assert len(receiver.uploads()) == 1
+    assert env.sql("SELECT state, attempts FROM messages") == [("uploaded", 3)]
+
+
+def test_receiver_down_for_a_pass_leaves_everything_pending(new_mailbox, receiver, env):
+    alice = new_mailbox("alice")
+    for i in range(3):
+        alice.deliver(message(to=alice.user, subject=f"m{i}"))
+    url = receiver.url
+    receiver.stop()
+    env.write([env.account(alice)], endpoint=url)
+    code, out, err = env.sync()
+    assert code == 5, (out, err)
+    assert "0 uploaded" in out and "pending" in out
+    assert env.sql("SELECT count(*) FROM messages WHERE state = 'uploaded'") == [(0,)]
+    assert env.sql("SELECT count(*) FROM deliveries") == [(0,)]
+    assert {p["state"] for p in env.status()["not_archived"]} == {"pending"}
+
+    from imapsync.receiver import Receiver
+    port = int(url.rsplit(":", 1)[1])
+    with Receiver(receiver.store, api_key=receiver.api_key, port=port) as again:
+        code, out, _ = env.sync()
+        assert code == 0 and "3 uploaded" in out
+        assert len(again.uploads()) == 3
+    assert env.status()["not_archived"] == []
+
+
+def test_wrong_password_on_one_account_does_not_stop_the_other(new_mailbox, receiver, env):
+    good, bad = new_mailbox("good"), new_mailbox("bad")
+    good.deliver(message(to=good.user, subject="for good"))
+    bad.deliver(message(to=bad.user, subject="for bad"))
+    bad_account = env.account(bad, name="bad")
+    env.monkeypatch.setenv(bad_account["password"]["env"], "definitely-wrong-password")
+    env.write([bad_account, env.account(good, name="good")], endpoint=receiver.url)
+    code, out, err = env.sync()
+    assert code == 7, (out, err)
+    assert sorted(uploads_by_subject(receiver)) == ["for good"]
+    accounts = {a["account"]: a for a in env.status()["accounts"]}
+    assert "auth_failed" in accounts["bad"]["last_error"]
+    assert accounts["good"]["last_error"] is None and accounts["good"]["counts"]["uploaded"] == 1
+    assert "definitely-wrong-password" not in out + err
+    code, text, _ = env.cli("status")
+    assert "auth_failed" in text
+
+
+def test_api_key_refused_exits_2_and_keeps_messages_pending(new_mailbox, receiver, env, monkeypatch):
+    alice = new_mailbox("alice")
+    alice.deliver(message(to=alice.user))
+    env.write([env.account(alice)], endpoint=receiver.url)
+    monkeypatch.setenv("IMAPSYNC_TEST_API_KEY", "not-the-key")
+    code, out, err = env.sync()
+    assert code == 2, (out, err)
+    assert "refused the key" in out
+    assert "not-the-key" not in out + err
+    assert [p["state"] for p in env.status()["not_archived"]] == ["pending"]
+    assert receiver.uploads() == []
+
+
+def test_status_json_reports_cursor_counts_and_last_run(new_mailbox, receiver, env):
+    alice = new_mailbox("alice")
+    alice.deliver(message(to=alice.user))
+    alice.deliver(message(to=alice.user))
+    env.write([env.account(alice, name="alice")], endpoint=receiver.url)
+    env.sync()
+    data = env.status()
+    acc = data["accounts"][0]
+    assert acc["account"] == "alice" and acc["counts"]["uploaded"] == 2
+    inbox = next(f for f in acc["folders"] if f["folder"] == "INBOX")
+    assert inbox["last_uid"] == 2 and inbox["uidnext"] == 3 and inbox["lag_seconds"] is not None
+    assert acc["last_run"]["outcome"] == "ok" and acc["last_run"]["uploaded"] == 2
+    assert json.dumps(data).count(alice.password) == 0
