@@ -14,7 +14,6 @@ from functools import wraps
 from pathlib import Path
 
 import click
-from rich.console import Console
 
 from imapsync import config as config_mod
 from imapsync.errors import ConfigError, ExitCode, ImapsyncError, LedgerError
@@ -118,7 +117,7 @@ def sync(config_path: Path | None, accounts: tuple[str, ...], once: bool) -> int
 def status(config_path: Path | None, account: str | None, as_json: bool) -> int:
     """What was archived, what was not and why (reads the ledger only)."""
     from imapsync.ledger import Ledger
-    from imapsync.status import render, report
+    from imapsync.status import console, render, report
 
     loaded = _load(config_path)
     ledger = Ledger.open(loaded.ledger_url)
@@ -129,7 +128,7 @@ def status(config_path: Path | None, account: str | None, as_json: bool) -> int:
     if as_json:
         click.echo(json.dumps(data, indent=2, sort_keys=True))
     else:
-        render(data, Console())
+        render(data, console())
     return ExitCode.OK
 
 
@@ -141,7 +140,9 @@ def demo(keep: Path | None) -> int:
     """Archive sample mail from a local IMAP server into the local receiver, then show status."""
     from imapsync.demo import run_demo
 
-    return run_demo(keep, Console())
+    from imapsync.status import console
+
+    return run_demo(keep, console())
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,

@@ -10,7 +10,7 @@ reason.
 """
 from __future__ import annotations
 
-import os
+import logging
 import secrets
 import shutil
 import tempfile
@@ -30,7 +30,6 @@ from imapsync.status import render, report
 DOMAIN = "acme.example"
 USERS = {"alice@acme.example": "demo-alice", "bob@acme.example": "demo-bob",
          "info@partner.example": "demo-info"}
-API_KEY_ENV = "IMAPSYNC_DEMO_API_KEY"
 
 
 def _mail(sender: str, to: str, subject: str, when: datetime, *, msgid: str | None = "auto",
@@ -77,11 +76,11 @@ def sample_mail() -> list[tuple[str, str, bytes]]:
     return out
 
 
-def write_config(directory: Path, imap_port: int, endpoint: str) -> Path:
+def write_config(directory: Path, imap_port: int, endpoint: str, api_key: str) -> Path:
     data = {
         "ledger": "imapsync.sqlite3",
         "sink": "vaultastic",
-        "tenants": [{"domain": DOMAIN, "endpoint": endpoint, "api_key": {"env": API_KEY_ENV}}],
+        "tenants": [{"domain": DOMAIN, "endpoint": endpoint, "api_key": {"file": "secrets/receiver.key"}}],
         "accounts": [
             {"name": user.split("@")[0], "host": "127.0.0.1", "port": imap_port, "tls": "plain",
              "username": user, "password": {"file": f"secrets/{user.split('@')[0]}.password"},
@@ -92,10 +91,12 @@ def write_config(directory: Path, imap_port: int, endpoint: str) -> Path:
     }
     secrets_dir = directory / "secrets"
     secrets_dir.mkdir(mode=0o700, exist_ok=True)
-    for user, password in USERS.items():
-        p = secrets_dir / f"{user.split('@')[0]}.password"
-        p.write_text(password + "\n")
-        p.chmod(0o600)
+    files = {f"{user.split('@')[0]}.password": password for user, password in USERS.items()}
+    files["receiver.key"] = api_key
+    for name, secret in files.items():
+        p = secrets_dir / name
+        p.touch(mode=0o600)
+        p.write_text(secret + "\n")
     path = directory / "config.yaml"
     path.write_text("# Written by `imapsync demo`.\n" + yaml.safe_dump(data, sort_keys=False))
     return path
@@ -109,35 +110,35 @@ def run_demo(keep: Path | None, console: Console) -> int:
         return ExitCode.CONFIG
     from imapsync.receiver import Receiver
 
+    logging.getLogger("imapsync").setLevel(logging.WARNING)  # the demo prints its own summary
     directory = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="imapsync-demo-"))
     directory.mkdir(parents=True, exist_ok=True)
     api_key = secrets.token_urlsafe(24)
-    os.environ[API_KEY_ENV] = api_key
     try:
         with PymapServer(USERS) as imap, Receiver(directory / "receiver", api_key=api_key) as receiver:
             for user, folder, raw in sample_mail():
                 imap.append(user, USERS[user], folder, raw)
             console.print(f"IMAP server (pymap) on 127.0.0.1:{imap.port} with {len(sample_mail())} sample "
-                          f"messages in {len(USERS)} mailboxes; receiver on {receiver.url}")
-            cfg_path = write_config(directory, imap.port, receiver.url)
+                          f"messages in {len(USERS)} mailboxes; receiver on {receiver.url}", soft_wrap=True)
+            cfg_path = write_config(directory, imap.port, receiver.url, api_key)
             loaded = config_mod.load(cfg_path)
             ledger = Ledger.open(loaded.ledger_url)
             try:
                 first = run_pass(loaded, ledger)
-                console.print(f"[bold]first pass:[/]  {first.summary()}", highlight=False)
+                console.print(f"[bold]first pass:[/]  {first.summary()}", highlight=False, soft_wrap=True)
                 second = run_pass(loaded, ledger)
-                console.print(f"[bold]second pass:[/] {second.summary()}", highlight=False)
+                console.print(f"[bold]second pass:[/] {second.summary()}", highlight=False, soft_wrap=True)
                 console.print()
                 render(report(ledger), console)
             finally:
                 ledger.close()
-            console.print(f"\nThe receiver stored {len(receiver.uploads())} upload(s) in {directory / 'receiver'}.")
+            console.print(f"\nThe receiver stored {len(receiver.uploads())} upload(s) in {directory / 'receiver'}.",
+                          soft_wrap=True)
         if keep:
             console.print(f"Config, ledger and uploads kept in {directory}; try "
                           f"`imapsync status --config {directory / 'config.yaml'}`.")
         ok = first.exit_code == ExitCode.OK and second.exit_code == ExitCode.OK and second.totals.uploaded == 0
         return ExitCode.OK if ok else ExitCode.UNEXPECTED
     finally:
-        os.environ.pop(API_KEY_ENV, None)
         if not keep:
             shutil.rmtree(directory, ignore_errors=True)

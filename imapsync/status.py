@@ -45,6 +45,12 @@ def _when(iso: str | None) -> str:
     return f"{age}s ago"
 
 
+def console() -> Console:
+    """A console for reports: the terminal's width, or 120 columns when piped."""
+    c = Console()
+    return c if c.is_terminal else Console(width=120)
+
+
 def render(data: dict, console: Console) -> None:
     if not data["accounts"]:
         console.print("No account has been synced yet: run `imapsync sync`.")
@@ -54,7 +60,7 @@ def render(data: dict, console: Console) -> None:
         head = (f"[bold]{acc['account']}[/] ({acc['username']} at {acc['host']}): "
                 f"{c['uploaded']} uploaded, {c['duplicate']} duplicate, {c['skipped']} skipped, "
                 f"{c['failed']} failed, {c['pending']} pending")
-        console.print(head, highlight=False)
+        console.print(head, highlight=False, soft_wrap=True)
         run = acc["last_run"]
         if run:
             console.print(f"  last run: {run['kind']} {_when(run['started_at'])}, {run['outcome'] or 'running'}",
@@ -63,13 +69,14 @@ def render(data: dict, console: Console) -> None:
             console.print(f"  [red]error[/] {_when(acc['last_error_at'])}: {acc['last_error']}", highlight=False)
         if not acc["folders"]:
             continue
-        table = Table(box=None, pad_edge=False, padding=(0, 2))
-        for col in ("folder", "uidvalidity", "last uid", "uploaded", "duplicate", "skipped", "failed",
-                    "pending", "last sync"):
-            table.add_column(col, justify="left" if col in ("folder", "last sync") else "right")
+        table = Table(box=None, pad_edge=False, padding=(0, 1))
+        for col in ("folder", "last uid", "uploaded", "duplicate", "skipped", "failed", "pending", "synced"):
+            table.add_column(col, justify="left" if col in ("folder", "synced") else "right",
+                             no_wrap=col != "folder", overflow="fold",
+                             min_width=len(col) if col != "folder" else min(40, max(len(f["folder"]) for f in acc["folders"])))
         for f in acc["folders"]:
             n = f["counts"]
-            table.add_row(f["folder"], str(f["uidvalidity"] or "-"), str(f["last_uid"]),
+            table.add_row(f["folder"], str(f["last_uid"]),
                           *(str(n[k]) for k in ("uploaded", "duplicate", "skipped", "failed", "pending")),
                           _when(f["last_sync_at"]) + (f"  [red]{f['last_error']}[/]" if f["last_error"] else ""))
         console.print(table)
@@ -79,6 +86,6 @@ def render(data: dict, console: Console) -> None:
         for p in problems[:SHOWN_PROBLEMS]:
             console.print(f"  {p['account']} {p['folder']} uid {p['uid']}: {p['state']}"
                           f" ({p['reason'] or 'no reason recorded'})  {p['message_id'] or '(no Message-ID)'}",
-                          highlight=False, markup=False)
+                          highlight=False, markup=False, soft_wrap=True)
         if len(problems) > SHOWN_PROBLEMS:
             console.print(f"  … and {len(problems) - SHOWN_PROBLEMS} more (see --json)")
