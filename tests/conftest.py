@@ -30,13 +30,18 @@ def _in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-@pytest.fixture(scope="session")
-def dovecot():
+def require_dovecot() -> None:
+    """Skip without Dovecot, except in CI, where a missing server fails the test."""
     if not Dovecot.available():
         msg = "Dovecot is not installed (apt-get install dovecot-imapd; ./dev test does it as root)"
         if _in_ci():
             pytest.fail(f"CI=true and {msg}", pytrace=False)
         pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def dovecot():
+    require_dovecot()
     server = Dovecot().start()
     try:
         yield server

@@ -119,3 +119,18 @@ def test_cli_missing_config_file_and_bad_yaml(tmp_path):
     bad.write_text("tenants: [\n")
     done = run(bad)
     assert done.returncode == 2 and "not valid YAML" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_example_config_is_valid(tmp_path, monkeypatch):
+    """config.yaml.example documents every option: it must stay loadable as written."""
+    import shutil
+    from pathlib import Path
+    example = Path(__file__).parent.parent / "config.yaml.example"
+    shutil.copy(example, tmp_path / "config.yaml")
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "support.password").write_text("pw\n")
+    monkeypatch.setenv("VAULTASTIC_API_KEY", "k")
+    monkeypatch.setenv("ALICE_IMAP_PASSWORD", "p")
+    loaded = config.load(tmp_path / "config.yaml")
+    assert [a.name for a in loaded.config.accounts] == ["alice", "support"]
+    assert loaded.config.upload.max_message_bytes == 50_000_000

@@ -9,11 +9,11 @@ import itertools
 import os
 import socket
 import ssl
-from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from conftest import require_dovecot
 from imapclient import IMAPClient
 from imapclient.exceptions import LoginError
 
@@ -25,23 +25,7 @@ from imapsync.testing.pymap_server import PymapServer
 _user_numbers = itertools.count(1)
 
 
-def _require_dovecot() -> None:
-    if Dovecot.available():
-        return
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail("Dovecot is not installed, and CI must run the Dovecot tests")
-    pytest.skip("Dovecot is not installed (apt-get install dovecot-imapd)")
-
-
-@pytest.fixture(scope="session")
-def dovecot() -> Iterator[Dovecot]:
-    _require_dovecot()
-    server = Dovecot()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
+# The session-wide `dovecot` fixture comes from conftest.py.
 
 
 @pytest.fixture()
@@ -92,15 +76,17 @@ def test_dovecot_new_user_logs_in_at_once_and_bad_password_fails(dovecot: Doveco
     dovecot.add_user(name, "pw1")
     with IMAPClient(dovecot.host, dovecot.port, ssl=False, timeout=10) as client:
         client.login(name, "pw1")  # no waiting: per-user passwd files
-    with IMAPClient(dovecot.host, dovecot.port, ssl=False, timeout=10) as client:
-        with pytest.raises(LoginError):
-            client.login(name, "wrong")
+    with (
+        IMAPClient(dovecot.host, dovecot.port, ssl=False, timeout=10) as client,
+        pytest.raises(LoginError),
+    ):
+        client.login(name, "wrong")
 
 
 @pytest.mark.dovecot
 def test_dovecot_deliver_inbox_and_subfolder(dovecot: Dovecot, user: tuple[str, str]) -> None:
     name = user[0]
-    when = datetime(2021, 3, 4, 5, 6, 7, tzinfo=timezone.utc)
+    when = datetime(2021, 3, 4, 5, 6, 7, tzinfo=UTC)
     path = dovecot.deliver(name, _message(1), internaldate=when)
     dovecot.deliver(name, _message(2), flags="\\Seen \\Flagged")
     dovecot.deliver(name, _message(3), folder="Projects/Übersicht")
@@ -117,7 +103,7 @@ def test_dovecot_deliver_inbox_and_subfolder(dovecot: Dovecot, user: tuple[str, 
         fetched = client.fetch(client.search("ALL"), ["BODY.PEEK[]", "FLAGS", "INTERNALDATE"])
         assert [fetched[uid][b"BODY[]"] for uid in sorted(fetched)] == [_message(1), _message(2)]
         first, second = (fetched[uid] for uid in sorted(fetched))
-        assert first[b"INTERNALDATE"].astimezone(timezone.utc) == when
+        assert first[b"INTERNALDATE"].astimezone(UTC) == when
         assert {b"\\Seen", b"\\Flagged"} <= set(second[b"FLAGS"])
 
         client.select_folder("Projects/Übersicht", readonly=True)
@@ -175,7 +161,7 @@ def test_dovecot_flags_reads_flags_and_examine_changes_nothing(
 
 @pytest.mark.dovecot
 def test_dovecot_stop_leaves_nothing_behind() -> None:
-    _require_dovecot()
+    require_dovecot()
     server = Dovecot().start()
     root = server.root
     assert server._proc is not None
@@ -192,15 +178,19 @@ def test_dovecot_stop_leaves_nothing_behind() -> None:
 def test_dovecot_failed_start_reports_the_log_and_stop_is_safe(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    _require_dovecot()
-    with socket.socket() as squatter:  # every port Dovecot is given is taken
-        squatter.bind(("127.0.0.1", 0))
-        squatter.listen()
-        taken = squatter.getsockname()[1]
-        monkeypatch.setattr(dovecot_module, "_free_port", lambda host: taken)
-        server = Dovecot()
+    require_dovecot()
+    squatters = [socket.socket() for _ in range(2)]  # the ports Dovecot is given are taken
+    for squatter in squatters:
+        squatter.bind(("127.0.0.1", 0))  # bound, not listening: connects are refused
+    taken = [s.getsockname()[1] for s in squatters]
+    monkeypatch.setattr(dovecot_module, "_free_ports", lambda host, count: taken)
+    server = Dovecot()
+    try:
         with pytest.raises(DovecotError) as failure:
             server.start()
+    finally:
+        for squatter in squatters:
+            squatter.close()
     assert "Address already in use" in str(failure.value)  # the log tail is included
     server.stop()
     server.stop()
@@ -285,6 +275,8 @@ def test_pymap_server_login_and_append() -> None:
             assert fetched[uid][b"BODY[]"] == _message(1)
             assert b"\\Seen" in fetched[uid][b"FLAGS"]
             assert client.folder_status("INBOX", [b"MESSAGES"])[b"MESSAGES"] == 1
-        with IMAPClient(server.host, server.port, ssl=False, timeout=10) as client:
-            with pytest.raises(LoginError):
-                client.login("demouser", "demopass")  # only the given users exist
+        with (
+            IMAPClient(server.host, server.port, ssl=False, timeout=10) as client,
+            pytest.raises(LoginError),
+        ):
+            client.login("demouser", "demopass")  # only the given users exist

@@ -12,22 +12,31 @@ the users' Maildirs, the runtime sockets and the log. ``stop()`` removes it.
 Choices that matter to callers, each verified on Dovecot 2.3.19 (Debian 12):
 
 * **Users are visible at once.** The passdb is ``passwd-file`` with a per-user
-  path (``users.d/%u``). Dovecot re-reads a single shared passwd file at most
-  once per second, so a user appended to it is unknown for up to ~1 s; a file
-  path it has never seen is read on first lookup, so a new user can log in the
-  moment ``add_user`` returns.
+  path (``users.d/%u``). Dovecot re-reads a passwd file at most once per second
+  (and only if its size or whole-second mtime changed), so a user appended to
+  one shared file is unknown for up to ~1 s; a path it has never seen is read
+  on first lookup, so a new user can log in the moment ``add_user`` returns.
+  Changing an existing user's password still takes ~1 s (``add_user`` polls).
 * **No auth penalty.** Dovecot's anvil doubles the delay after each failed
   login from an IP (0.5 s, 4.5 s, 8.5 s, ... on loopback), which makes
   bad-password tests slow and order-dependent. ``login_trusted_networks`` does
   not lift it in 2.3.19; disabling the ``anvil-auth-penalty`` listener
   (``mode = 0``) does. A failed login still takes ~0.5 s: Dovecot flushes
   failure replies on a 500 ms timer even with ``auth_failure_delay = 0``.
-* **Seeding is fast.** ``deliver`` writes straight into the Maildir (Maildir++
-  layout, the default for ``maildir:~/Maildir``), with no doveadm or IMAP round
-  trip; Dovecot notices the new file on its next sync (SELECT/EXAMINE/STATUS/NOOP).
+* **Seeding is fast.** ``deliver`` writes the message file straight into the
+  Maildir (Maildir++ layout, the default for ``maildir:~/Maildir``: INBOX is
+  ``Maildir/``, folder ``A/B`` is ``Maildir/.A.B/``, names modified-UTF-7, no
+  '.' allowed in names); Dovecot picks it up on its next sync of that folder
+  (SELECT/EXAMINE/STATUS/NOOP). A folder that does not exist yet is created
+  once through ``doveadm mailbox create`` (~20 ms): a directory made behind
+  Dovecot's back stays invisible to LIST in an already open session for up to
+  a second, because of Dovecot's mailbox list index.
 * **Stopping takes ~1 s**: the master sleeps one second after it signals its
   log process. ``dovecot stop`` adds its own one-second polling on top (~2.5 s),
-  so ``stop`` sends the master the same SIGTERM itself and polls its exit.
+  so ``stop`` sends the master the same SIGTERM itself and polls its exit. If a
+  login process is still starting at that moment, the master waits up to 5 s
+  for it (its stats handshake times out); ``start`` therefore waits for a full
+  greeting on both ports, so a stop right after start stays at ~1 s.
 * The master runs in the foreground (``-F``) as our child, so its exit is
   observed exactly (no pid file races, no zombie mistaken for a live process).
 """
@@ -42,6 +51,7 @@ import pwd
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -50,6 +60,7 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 __all__ = ["Dovecot", "DovecotError", "encode_mutf7"]
 
@@ -176,10 +187,16 @@ def _find_binary(name: str) -> str | None:
     return None
 
 
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+def _free_ports(host: str, count: int) -> list[int]:
+    """Ports the OS considers free right now (all bound at once, so distinct)."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind((host, 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def encode_mutf7(name: str) -> str:
@@ -203,6 +220,13 @@ def encode_mutf7(name: str) -> str:
             pending.append(ch)
     flush()
     return "".join(out)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _folder_parts(folder: str) -> list[str]:
@@ -264,7 +288,7 @@ class Dovecot:
         """True when the dovecot and doveadm binaries are installed."""
         return _find_binary("dovecot") is not None and _find_binary("doveadm") is not None
 
-    def start(self) -> Dovecot:
+    def start(self) -> Self:
         """Write the config and certificate, start the server, wait until it greets."""
         if self._proc is not None:
             raise DovecotError("already started")
@@ -285,12 +309,10 @@ class Dovecot:
 
         last_error: DovecotError | None = None
         for _attempt in range(3):  # another process may grab a port we picked
-            self.port = _free_port(self.host)
-            self.ssl_port = _free_port(self.host)
-            while self.ssl_port == self.port:
-                self.ssl_port = _free_port(self.host)
+            self.port, self.ssl_port = _free_ports(self.host, 2)
             self._write_conf()
-            log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+            offsets = {path: _size(path) for path in (self.log_path, self._stdout_path)}
+            atexit.register(self.stop)  # in case the caller loses us before stop()
             with open(self._stdout_path, "ab") as out:
                 self._proc = subprocess.Popen(
                     [dovecot, "-F", "-c", str(self.conf_path)],
@@ -304,11 +326,10 @@ class Dovecot:
             except DovecotError as exc:
                 last_error = exc
                 self._terminate()
-                log = self._read_from(self.log_path, log_offset)
-                if "Address already in use" in log:
+                output = "".join(self._read_from(p, o) for p, o in offsets.items())
+                if "Address already in use" in output:
                     continue
                 raise
-            atexit.register(self.stop)
             return self
         assert last_error is not None
         raise last_error
@@ -327,7 +348,7 @@ class Dovecot:
         if self._owns_root:
             shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> Dovecot:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(
@@ -352,11 +373,17 @@ class Dovecot:
         home = self._home(name)
         self._make_dir(home)
         path = self.root / "users.d" / name
-        existed = path.exists()
+        old_mtime = int(path.stat().st_mtime) if path.exists() else None
         tmp = path.with_name(f".{name}.tmp")
         tmp.write_text(f"{name}:{{PLAIN}}{password}::::{home}\n")
         os.chmod(tmp, 0o644)
+        if old_mtime is not None:
+            # Dovecot re-reads a passwd file only if its size or its mtime in whole
+            # seconds changed: make sure the mtime does.
+            mtime = max(time.time(), old_mtime + 1.0)
+            os.utime(tmp, (mtime, mtime))
         os.replace(tmp, path)
+        existed = old_mtime is not None
         if existed and self._proc is not None:
             # Dovecot re-reads a known passwd file at most once a second.
             self._poll(
@@ -446,7 +473,7 @@ class Dovecot:
             raise DovecotError("doveadm not installed")
         cmd = [doveadm, "-c", str(self.conf_path), *args]
         proc = subprocess.run(
-            cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=_DOVEADM_TIMEOUT
+            cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=_DOVEADM_TIMEOUT, check=False
         )
         if proc.returncode != 0:
             raise DovecotError(
@@ -565,6 +592,7 @@ class Dovecot:
             stdin=subprocess.DEVNULL,
             capture_output=True,
             timeout=60,
+            check=False,
         )
         if proc.returncode != 0:
             raise DovecotError(f"openssl failed: {proc.stderr.decode(errors='replace')}")
@@ -587,7 +615,12 @@ class Dovecot:
         )
 
     def _wait_ready(self) -> None:
-        """Poll until both ports accept and the plain port sends its greeting."""
+        """Poll until both ports greet: plain, and implicit TLS with our certificate.
+
+        A full greeting (not just an accepted connect) matters: a login process
+        that is still starting when the server is stopped can hold the master's
+        shutdown for 5 s (its stats-writer handshake times out).
+        """
         assert self._proc is not None
         deadline = time.monotonic() + _START_TIMEOUT
         pending = [self.port, self.ssl_port]
@@ -600,23 +633,48 @@ class Dovecot:
                 )
             port = pending[0]
             try:
-                with socket.create_connection((self.host, port), timeout=1.0) as sock:
-                    if port == self.port:
-                        sock.settimeout(max(0.1, deadline - time.monotonic()))
-                        greeting = sock.recv(1024)
-                        if not greeting.startswith(b"* OK"):
-                            raise DovecotError(f"unexpected greeting {greeting!r}\n{self._log_tail()}")
+                greeting = self._greeting(port, tls=port == self.ssl_port, deadline=deadline)
+            except (OSError, ssl.SSLError):
+                greeting = None
+            if greeting is not None:
+                if not greeting.startswith(b"* OK"):
+                    raise DovecotError(f"unexpected greeting {greeting!r}\n{self._log_tail()}")
                 pending.pop(0)
                 continue
-            except OSError:
-                pass
             if time.monotonic() > deadline:
                 raise DovecotError(
-                    f"dovecot did not accept on {self.host}:{port} within {_START_TIMEOUT} s\n"
+                    f"dovecot did not greet on {self.host}:{port} within {_START_TIMEOUT} s\n"
                     f"{self._log_tail()}"
                 )
             time.sleep(delay)
             delay = min(delay * 2, 0.1)
+
+    def _greeting(self, port: int, tls: bool, deadline: float) -> bytes:
+        # Short per-attempt timeout: something else may hold the port (then Dovecot
+        # exits, and the caller's poll() must get a chance to see it).
+        timeout = min(1.0, max(0.1, deadline - time.monotonic()))
+        with socket.create_connection((self.host, port), timeout=timeout) as raw:
+            if not tls:
+                return self._logout(raw)
+            context = ssl.create_default_context(cafile=str(self.cert_path))
+            with context.wrap_socket(raw, server_hostname=self.host) as sock:
+                return self._logout(sock)
+
+    @staticmethod
+    def _logout(sock: socket.socket) -> bytes:
+        """Read the greeting, then LOGOUT and read to EOF: the login process is
+        fully up and has closed the connection cleanly when this returns."""
+        data = b""
+        while b"\n" not in data:
+            chunk = sock.recv(4096)
+            if not chunk:
+                return data
+            data += chunk
+        greeting = data.split(b"\n", 1)[0]
+        sock.sendall(b"r LOGOUT\r\n")
+        while sock.recv(4096):
+            pass
+        return greeting
 
     def _terminate(self) -> None:
         proc, self._proc = self._proc, None

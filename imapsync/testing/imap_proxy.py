@@ -25,6 +25,7 @@ import socket
 import threading
 from collections.abc import Callable
 from types import TracebackType
+from typing import Self
 
 __all__ = ["CommandRecorder"]
 
@@ -103,7 +104,7 @@ class CommandRecorder:
 
     # ------------------------------------------------------------------ public
 
-    def start(self) -> CommandRecorder:
+    def start(self) -> Self:
         if self._listener is not None:
             raise RuntimeError("already started")
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -122,6 +123,10 @@ class CommandRecorder:
             return
         self._stopping.set()
         if self._listener is not None:
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept() on Linux
+            except OSError:
+                pass
             self._listener.close()
         with self._lock:
             sockets = list(self._sockets)
@@ -147,7 +152,7 @@ class CommandRecorder:
         with self._lock:
             return sum(1 for command in self._commands if command == name)
 
-    def __enter__(self) -> CommandRecorder:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(
@@ -185,7 +190,7 @@ class CommandRecorder:
         while not self._stopping.is_set():
             try:
                 client, _ = self._listener.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return  # listener closed

@@ -28,6 +28,7 @@ from argparse import Namespace
 from collections.abc import Iterable
 from datetime import datetime
 from types import TracebackType
+from typing import Self
 
 from proxyprotocol.reader import ProxyProtocolReader
 from pymap.backend.dict import Config, Identity, Login
@@ -61,7 +62,7 @@ class PymapServer:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self) -> PymapServer:
+    def start(self) -> Self:
         if self._thread is not None:
             raise RuntimeError("already started")
         self._thread = threading.Thread(target=self._run, name="pymap-server", daemon=True)
@@ -69,7 +70,7 @@ class PymapServer:
         if not self._ready.wait(_START_TIMEOUT):
             self.stop()
             raise RuntimeError(f"pymap did not start within {_START_TIMEOUT} s")
-        if self._error is not None:
+        if self._error is not None or not self.port:
             self.stop()
             raise RuntimeError(f"pymap failed to start: {self._error!r}") from self._error
         return self
@@ -90,7 +91,7 @@ class PymapServer:
             if thread.is_alive():
                 raise RuntimeError("pymap server thread did not stop")
 
-    def __enter__(self) -> PymapServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(
@@ -148,7 +149,7 @@ class PymapServer:
         self._loop = loop
         try:
             loop.run_until_complete(self._serve())
-        except BaseException as exc:  # reported to start(), which re-raises
+        except Exception as exc:  # noqa: BLE001 - reported to start(), which re-raises
             self._error = exc
         finally:
             self._ready.set()
