@@ -20,6 +20,7 @@ import yaml
 
 from imapsync.receiver import Receiver
 from imapsync.testing.dovecot import Dovecot
+from imapsync.testing.postgres import Postgres
 
 DOMAIN = "acme.com"
 API_KEY = "test-api-key-5f0c2b7e"  # a known secret the tests grep for
@@ -47,6 +48,25 @@ def dovecot():
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    if not Postgres.available():
+        msg = "PostgreSQL is not installed (apt-get install postgresql; ./dev test does it as root)"
+        if _in_ci():
+            pytest.fail(f"CI=true and {msg}", pytrace=False)
+        pytest.skip(msg)
+    with Postgres() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_url(request, tmp_path):
+    """A fresh, empty ledger database of each kind the project supports."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
+    return request.getfixturevalue("postgres").create_database(f"t{next(_user_ids)}")
 
 
 @dataclass

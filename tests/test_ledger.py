@@ -26,8 +26,8 @@ def test_an_unversioned_empty_file_is_upgraded(tmp_path):
     assert set(ledger.t) == {"accounts", "folders", "messages", "sightings", "deliveries", "runs"}
 
 
-def test_coverage_and_sightings(tmp_path):
-    ledger = Ledger.open(f"sqlite:///{tmp_path / 'l.sqlite3'}")
+def test_coverage_and_sightings(ledger_url):
+    ledger = Ledger.open(ledger_url)
     acc = ledger.account_id("a", "imap.example", "a@acme.com")
     folder = ledger.folder(acc, "INBOX")
     with ledger.tx() as c:
@@ -41,3 +41,13 @@ def test_coverage_and_sightings(tmp_path):
     known = ledger.lookup(["m:1", "m:unknown"])
     assert list(known) == ["m:1"] and known["m:1"].vaults == {"a@acme.com"} and known["m:1"].state is State.UPLOADED
     assert ledger.sightings(folder.id, 7, [1, 2]) == {1: State.UPLOADED}
+
+
+def test_migrations_are_idempotent_on_every_backend(ledger_url):
+    Ledger.open(ledger_url).close()
+    ledger = Ledger.open(ledger_url)
+    assert set(ledger.t) == {"accounts", "folders", "messages", "sightings", "deliveries", "runs"}
+    run = ledger.start_run("sync", "a")
+    ledger.finish_run(run, outcome="ok", counts={"uploaded": 2}, error=None)
+    acc = ledger.account_id("a", "h", "u")
+    assert ledger.status()[0]["last_run"]["uploaded"] == 2 and ledger.account_id("a", "h", "u") == acc

@@ -246,3 +246,19 @@ def test_status_json_reports_cursor_counts_and_last_run(new_mailbox, receiver, e
     assert inbox["last_uid"] == 2 and inbox["uidnext"] == 3 and inbox["lag_seconds"] is not None
     assert acc["last_run"]["outcome"] == "ok" and acc["last_run"]["uploaded"] == 2
     assert json.dumps(data).count(alice.password) == 0
+
+
+def test_sync_with_a_postgresql_ledger(new_mailbox, receiver, env, postgres):
+    """The same code and migrations run on PostgreSQL (the multi-worker ledger)."""
+    alice = new_mailbox("alice")
+    raw = message(to=alice.user, msgid="<pg-1@mailer.example>")
+    alice.deliver(raw)
+    alice.deliver(raw, "Archive")
+    alice.deliver(message(to=alice.user, msgid=None))
+    env.write([env.account(alice, name="alice")], endpoint=receiver.url,
+              ledger=postgres.create_database("sync_pg"))
+    code, out, _ = env.sync()
+    assert code == 0 and "2 uploaded, 1 duplicate" in out
+    assert env.sync()[1].startswith("1 account(s): 0 uploaded, 0 duplicate")
+    assert env.status()["accounts"][0]["counts"]["uploaded"] == 2
+    assert len(receiver.uploads()) == 2
