@@ -17,6 +17,7 @@ import click
 
 from imapsync import config as config_mod
 from imapsync.errors import ConfigError, ExitCode, ImapsyncError, LedgerError
+from imapsync.upload_cli import upload as upload_command
 
 log = logging.getLogger("imapsync")
 
@@ -153,6 +154,10 @@ def receiver(args: tuple[str, ...]) -> None:
     from imapsync.receiver import main as receiver_main
 
     sys.exit(receiver_main(list(args)))
+
+
+# `imapsync upload`: the drop-in replacement for the vendor's upload script (upload_cli.py).
+cli.add_command(upload_command)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ import ipaddress
 import os
 import re
 import shlex
+import shutil
 import subprocess
 from enum import Enum
 from pathlib import Path
@@ -36,11 +37,19 @@ DEFAULT_LEDGER_NAME = "imapsync.sqlite3"
 DEFAULT_EXCLUDED_SPECIAL_USE = ("\\Trash", "\\Junk", "\\Drafts")
 #: The API's documented per-message limit.
 DEFAULT_MAX_MESSAGE_BYTES = 50 * 1024 * 1024
+#: Sinks that upload to a tenant's endpoint with its API key.
+API_SINKS = ("vaultastic", "vaultastic-sdk")
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "ki": 1024,
                "m": 1000**2, "mb": 1000**2, "mib": 1024**2, "mi": 1024**2,
                "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "gi": 1024**3}
+
+
+def normalize_endpoint(value: str) -> str:
+    """Like the vendor SDK's API_ENDPOINT_URL: a bare host name means HTTPS; a URL is kept."""
+    value = value.strip().rstrip("/")
+    return value if re.match(r"^https?://", value, re.IGNORECASE) else f"https://{value}"
 
 
 def _parse_size(value: Any) -> Any:
@@ -142,10 +151,7 @@ class Tenant(Strict):
     @classmethod
     def _endpoint(cls, v: str | None) -> str | None:
         # Like the vendor SDK: a bare host name means HTTPS.
-        if v is None:
-            return v
-        v = v.strip().rstrip("/")
-        return v if re.match(r"^https?://", v) else f"https://{v}"
+        return None if v is None else normalize_endpoint(v)
 
     @field_validator("aliases")
     @classmethod
@@ -154,13 +160,30 @@ class Tenant(Strict):
 
 
 class Upload(Strict):
-    """Retry and size policy for the sink (design rule 6)."""
+    """Concurrency, rate, retry and size policy for uploads (design rule 6)."""
 
+    concurrency: int = Field(default=16, ge=1, le=256)
+    rate: float = Field(default=10_000.0, gt=0)  # requests/s per tenant (the API's limit)
+    burst: int = Field(default=5_000, ge=1)
     max_attempts: int = Field(default=5, ge=1, le=50)
     backoff_factor: float = Field(default=1.0, ge=0)
     backoff_max: float = Field(default=60.0, ge=0)
+    budget_seconds: float = Field(default=900.0, gt=0)
     timeout: float = Field(default=120.0, gt=0)
     max_message_bytes: ByteSize = DEFAULT_MAX_MESSAGE_BYTES
+    spool_bytes: ByteSize = 4 * 1024 * 1024  # larger messages wait for upload in a file
+
+
+class Sdk(Strict):
+    """How the vaultastic-sdk sink runs the vendor's VaultasticActiveStoreMailUpload.py."""
+
+    script: Path | None = None  # required for sink vaultastic-sdk; relative to the config file
+    python: Path | None = None  # default: the interpreter running imapsync
+    mode: Literal["subprocess", "inprocess"] = "subprocess"
+    timeout: float = Field(default=300.0, gt=0)  # seconds per run of the script (subprocess mode)
+    max_attempts: int = Field(default=5, ge=1, le=50)  # runs per message while it exits 5
+    unknown_error_attempts: int = Field(default=2, ge=1, le=50)  # runs per message while it exits 1
+    pass_env: list[str] = []  # extra environment variables (fnmatch globs) the script may see
 
 
 class Fetch(Strict):
@@ -172,8 +195,9 @@ class Config(Strict):
     """The whole configuration, with the file it came from."""
 
     ledger: str | None = None
-    sink: Literal["vaultastic", "directory"] = "vaultastic"
+    sink: Literal["vaultastic", "vaultastic-sdk", "directory"] = "vaultastic"
     directory: Path | None = None
+    sdk: Sdk | None = None
     tenants: list[Tenant] = Field(min_length=1)
     accounts: list[Account] = []
     upload: Upload = Upload()
@@ -191,6 +215,8 @@ class Config(Strict):
             problems.append("tenants: a domain is listed twice")
         if self.sink == "directory" and self.directory is None:
             problems.append("directory: required when sink is directory")
+        if self.sink == "vaultastic-sdk" and (self.sdk is None or self.sdk.script is None):
+            problems.append("sdk.script: required when sink is vaultastic-sdk")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -350,8 +376,29 @@ def _resolve_secret(spec: SecretSource | InlineSecret, base: Path) -> str:
     return value
 
 
-def parse(data: Any, file: str = "<config>", base: Path | None = None) -> LoadedConfig:
-    """Validate a config mapping and resolve its secrets; raise ConfigError with all problems."""
+def _sdk_problems(config: Config, base: Path) -> list[ConfigProblem]:
+    """The vendor script (and interpreter, when given) must exist when the SDK sink is used."""
+    sdk = config.sdk
+    if config.sink != "vaultastic-sdk" or sdk is None or sdk.script is None:
+        return []
+    out = []
+    script = sdk.script if sdk.script.is_absolute() else base / sdk.script
+    if not script.is_file():
+        out.append(ConfigProblem("sdk.script", f"no such file: {script}"))
+    if sdk.python is not None:
+        python = sdk.python if sdk.python.is_absolute() else base / sdk.python
+        if not (python.is_file() or (len(sdk.python.parts) == 1 and shutil.which(str(sdk.python)))):
+            out.append(ConfigProblem("sdk.python", f"no such file: {python}"))
+    return out
+
+
+def parse(data: Any, file: str = "<config>", base: Path | None = None, *,
+          resolve_secrets: bool = True) -> LoadedConfig:
+    """Validate a config mapping and resolve its secrets; raise ConfigError with all problems.
+
+    With resolve_secrets=False no secret is read (for commands that need only the ledger,
+    such as `imapsync upload`); LoadedConfig.password() and api_key() then have nothing.
+    """
     base = base or Path.cwd()
     if not isinstance(data, dict):
         raise ConfigError(file, [ConfigProblem("", "the file must hold a mapping of keys")])
@@ -365,8 +412,9 @@ def parse(data: Any, file: str = "<config>", base: Path | None = None) -> Loaded
     secrets: dict[str, SecretStr] = {}
     for i, account in enumerate(config.accounts):
         try:
-            secrets[f"accounts.{account.name}.password"] = SecretStr(
-                _resolve_secret(account.password, base))
+            if resolve_secrets:
+                secrets[f"accounts.{account.name}.password"] = SecretStr(
+                    _resolve_secret(account.password, base))
         except ValueError as e:
             problems.append(ConfigProblem(f"accounts[{i}].password", str(e)))
         if account.ca_file is not None:
@@ -374,24 +422,25 @@ def parse(data: Any, file: str = "<config>", base: Path | None = None) -> Loaded
             if not ca.is_file():
                 problems.append(ConfigProblem(f"accounts[{i}].ca_file", f"no such file: {ca}"))
     for i, tenant in enumerate(config.tenants):
-        if config.sink == "vaultastic":
+        if config.sink in API_SINKS:
             if tenant.endpoint is None:
-                problems.append(ConfigProblem(f"tenants[{i}].endpoint", "required for sink vaultastic"))
+                problems.append(ConfigProblem(f"tenants[{i}].endpoint", f"required for sink {config.sink}"))
             if tenant.api_key is None:
-                problems.append(ConfigProblem(f"tenants[{i}].api_key", "required for sink vaultastic"))
-        if tenant.api_key is not None:
+                problems.append(ConfigProblem(f"tenants[{i}].api_key", f"required for sink {config.sink}"))
+        if tenant.api_key is not None and resolve_secrets:
             try:
                 secrets[f"tenants.{tenant.domain}.api_key"] = SecretStr(
                     _resolve_secret(tenant.api_key, base))
             except ValueError as e:
                 problems.append(ConfigProblem(f"tenants[{i}].api_key", str(e)))
+    problems += _sdk_problems(config, base)
     if problems:
         raise ConfigError(file, problems)
     return LoadedConfig(Path(file), config, secrets)
 
 
-def load(path: Path) -> LoadedConfig:
-    """Read and validate a YAML config file."""
+def load(path: Path, *, resolve_secrets: bool = True) -> LoadedConfig:
+    """Read and validate a YAML config file (see parse() for resolve_secrets)."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -404,6 +453,7 @@ def load(path: Path) -> LoadedConfig:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else ""
         raise ConfigError(str(path), [ConfigProblem(where, f"not valid YAML: {getattr(e, 'problem', e)}")]) from None
-    loaded = parse(data if data is not None else {}, str(path), path.parent.resolve())
+    loaded = parse(data if data is not None else {}, str(path), path.parent.resolve(),
+                   resolve_secrets=resolve_secrets)
     loaded.path = path
     return loaded

@@ -14,8 +14,9 @@ from imapsync.imap_source import ImapSource
 from imapsync.ledger import Ledger
 from imapsync.sinks.base import Outcome, Sink
 from imapsync.sinks.directory import DirectorySink
-from imapsync.sinks.vaultastic import VaultasticSink
-from imapsync.sync import AccountResult, Counts, Settings, TenantGate, sync_account
+from imapsync.sinks.vaultastic import RetryPolicy, VaultasticSink
+from imapsync.sync import AccountResult, Counts, Settings, sync_account
+from imapsync.upload_pool import TenantGate, UploadPool
 
 log = logging.getLogger("imapsync")
 
@@ -27,10 +28,12 @@ def make_sinks(loaded: LoadedConfig) -> dict[str, Sink]:
         shared = DirectorySink(loaded.directory)  # type: ignore[arg-type]
         return {t.domain: shared for t in cfg.tenants}
     up = cfg.upload
+    policy = RetryPolicy(max_attempts=up.max_attempts, backoff_factor=up.backoff_factor,
+                         backoff_max=up.backoff_max, budget_seconds=up.budget_seconds)
     return {
         t.domain: VaultasticSink(t.domain, t.endpoint or "", loaded.api_key(t).get_secret_value(),  # type: ignore[union-attr]
-                                 max_attempts=up.max_attempts, backoff_factor=up.backoff_factor,
-                                 backoff_max=up.backoff_max, timeout=up.timeout)
+                                 retry=policy, timeout=up.timeout, pool_size=up.concurrency,
+                                 rate=up.rate, burst=up.burst)
         for t in cfg.tenants
     }
 
@@ -42,6 +45,7 @@ def settings_of(loaded: LoadedConfig) -> Settings:
         max_message_bytes=cfg.upload.max_message_bytes,
         batch_bytes=cfg.fetch.batch_bytes,
         batch_messages=cfg.fetch.batch_messages,
+        spool_bytes=cfg.upload.spool_bytes,
     )
 
 
@@ -96,11 +100,13 @@ def run_pass(loaded: LoadedConfig, ledger: Ledger, account_names: list[str] | No
     sinks = make_sinks(loaded)
     settings = settings_of(loaded)
     result = PassResult()
+    pool = UploadPool(sinks, result.gate, loaded.config.upload.concurrency)
     try:
         for account in accounts:
-            result.accounts.append(sync_account(account, connector(loaded, account), ledger, sinks,
-                                                settings, result.gate, kind=kind))
+            result.accounts.append(sync_account(account, connector(loaded, account), ledger, pool,
+                                                settings, kind=kind))
     finally:
+        pool.close()
         for sink in {id(s): s for s in sinks.values()}.values():  # a shared sink closes once
             sink.close()
     return result

@@ -5,8 +5,10 @@ UIDNEXT-1) costs nothing more. Otherwise EXAMINE, UID SEARCH above the cursor, f
 sizes and routing headers, and plan each message: skip (with a reason), duplicate
 (every vault already covered) or upload (to the vaults not yet covered). Only the
 messages to upload have their bodies fetched, in batches bounded in bytes. Each is
-written to the ledger as pending before its upload and as uploaded after the
-acknowledgement (rule 2); the cursor moves over UIDs that are all final (rule 3).
+written to the ledger as pending before its upload starts (rule 2) and as uploaded
+after the acknowledgement; uploads run concurrently in a bounded pool, and their
+results are written from this thread, one transaction per batch of results. The
+cursor moves over UIDs that are all final (rule 3).
 
 An account's error (login, connection) ends that account's pass and is recorded;
 the other accounts go on. A tenant that refuses the API key or cannot be reached is
@@ -15,16 +17,18 @@ closed for the rest of the pass and its messages stay pending for the next.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from imapsync import routing
 from imapsync.config import Account
-from imapsync.errors import LedgerError, SourceError
+from imapsync.errors import SourceError
 from imapsync.imap_source import FolderStatus, ImapSource, batches
 from imapsync.ledger import FolderRow, Known, Ledger, Sighting, State, now
 from imapsync.message import MessageInfo, fingerprint
-from imapsync.sinks.base import Outcome, Sink, UploadRequest, UploadResult
+from imapsync.sinks.base import Outcome, Payload, UploadRequest, UploadResult
+from imapsync.upload_pool import Done, Job, TenantGate, UploadPool
 
 log = logging.getLogger("imapsync.sync")
 
@@ -64,18 +68,7 @@ class Settings:
     max_message_bytes: int
     batch_bytes: int
     batch_messages: int
-
-
-@dataclass
-class TenantGate:
-    """Tenants closed for the rest of this pass (key refused, endpoint unreachable)."""
-
-    closed: dict[str, UploadResult] = field(default_factory=dict)
-
-    def close(self, tenant: str, result: UploadResult) -> None:
-        if tenant not in self.closed:
-            log.error("Tenant %s: uploads stopped for this pass: %s", tenant, result.detail)
-            self.closed[tenant] = result
+    spool_bytes: int = 4 * 1024 * 1024
 
 
 @dataclass
@@ -95,12 +88,24 @@ class _Planned:
     key: str | None
     state: State | None = None  # decided without a body (skipped / duplicate)
     reason: str | None = None
-    ref: int | None = None  # ledger row of the known message it duplicates
+    ref: int | None = None  # ledger row of the message
+
+
+@dataclass
+class _Copy:
+    """A copy whose uploads are in flight: settled when every route has answered."""
+
+    p: _Planned
+    ref: int
+    payload: Payload
+    waiting: int
+    states: list[State] = field(default_factory=list)
+    reason: str | None = None
+    detail: str | None = None
 
 
 def sync_account(account: Account, connect: Callable[[], ImapSource], ledger: Ledger,
-                 sinks: Mapping[str, Sink], settings: Settings, gate: TenantGate,
-                 kind: str = "sync") -> AccountResult:
+                 pool: UploadPool, settings: Settings, kind: str = "sync") -> AccountResult:
     """One pass over every included folder of `account`. Never raises SourceError."""
     counts = Counts()
     run_id = ledger.start_run(kind, account.name)
@@ -113,11 +118,14 @@ def sync_account(account: Account, connect: Callable[[], ImapSource], ledger: Le
         owner = routing.owner_vault(account.username, account.vault, settings.domains_aliases)
         for folder in source.folders(account.folders):
             row = known.get(folder.name) or ledger.folder(account_id, folder.name)
+            folder_pass = _FolderPass(source, row, ledger, pool, settings, owner, counts)
             try:
-                _sync_folder(source, row, ledger, sinks, settings, gate, owner, counts)
+                folder_pass.run()
             except SourceError as e:
                 ledger.update_folder(row.id, last_error=str(e))
                 raise
+            finally:
+                folder_pass.settle()  # every upload started is recorded, whatever happened
     except SourceError as e:
         error = e
         log.error("Account %s: %s", account.name, e)
@@ -134,70 +142,6 @@ def _unchanged(row: FolderRow, status: FolderStatus) -> bool:
     return row.uidvalidity == status.uidvalidity and row.last_uid >= status.uidnext - 1
 
 
-def _sync_folder(source: ImapSource, row: FolderRow, ledger: Ledger, sinks: Mapping[str, Sink],
-                 settings: Settings, gate: TenantGate, owner: str | None, counts: Counts) -> None:
-    name = row.name
-    status = source.status(name)
-    if _unchanged(row, status):
-        return  # nothing new: STATUS was enough
-    uidvalidity = source.examine(name)
-    last_uid = row.last_uid
-    if row.uidvalidity != uidvalidity:
-        if row.uidvalidity is not None:
-            log.warning("Folder %s: UIDVALIDITY changed %s -> %s; scanning again from the start "
-                        "(known messages are not uploaded again)", name, row.uidvalidity, uidvalidity)
-        last_uid = 0
-        ledger.update_folder(row.id, uidvalidity=uidvalidity, last_uid=0)
-    uids = source.uids_after(last_uid, name)
-    done = ledger.sightings(row.id, uidvalidity, uids)  # final copies from an interrupted pass
-    todo = [u for u in uids if not (u in done and done[u].final)]
-    final: dict[int, bool] = {u: True for u in uids if u not in todo}
-    for chunk in _chunks(todo, settings.batch_messages):
-        planned = _plan(source, name, chunk, ledger, settings, owner)
-        _act(source, name, row.id, uidvalidity, planned, ledger, sinks, settings, gate, counts, final)
-        _advance(ledger, row.id, uids, final, last_uid, None)
-    _advance(ledger, row.id, uids, final, last_uid, status.uidnext)
-    log.info("Folder %s: %d new message(s) handled", name, len(todo))
-
-
-def _advance(ledger: Ledger, folder_id: int, uids: list[int], final: dict[int, bool],
-             last_uid: int, uidnext: int | None) -> None:
-    """Move the cursor over the leading run of final UIDs (rule 3)."""
-    cursor = last_uid
-    complete = True
-    for uid in uids:
-        if not final.get(uid):
-            complete = False
-            break
-        cursor = uid
-    values: dict = {"last_uid": cursor, "last_sync_at": now(), "last_error": None}
-    if uidnext is not None:
-        values["uidnext"] = uidnext
-        if complete:
-            values["last_uid"] = max(cursor, uidnext - 1)
-    ledger.update_folder(folder_id, **values)
-
-
-def _plan(source: ImapSource, folder: str, uids: list[int], ledger: Ledger,
-          settings: Settings, owner: str | None) -> list[_Planned]:
-    """Decide from sizes and headers alone what each copy needs."""
-    planned = []
-    for h in source.fetch_headers(uids, folder):
-        info = MessageInfo.from_headers(h.header, h.size)
-        rts = routing.routes(info.addresses, info.sender, owner, settings.domains_aliases)
-        p = _Planned(h.uid, info, rts, info.header_key)
-        if not rts:
-            p.state, p.reason = State.SKIPPED, routing.NO_PRIMARY_RECIPIENT
-        elif h.size > settings.max_message_bytes:
-            p.state, p.reason = State.SKIPPED, "too_large"
-        planned.append(p)
-    known = ledger.lookup(p.key for p in planned if p.key and p.state is None)
-    for p in planned:
-        if p.state is None and p.key in known and not _missing(p.routes, known[p.key]):
-            p.state, p.ref = State.DUPLICATE, known[p.key].id
-    return planned
-
-
 def _missing(routes: list[routing.Route], known: Known | None) -> list[routing.Route]:
     """The routes narrowed to vaults the earlier uploads did not cover (rule 5)."""
     covered = known.vaults if known else frozenset()
@@ -207,94 +151,6 @@ def _missing(routes: list[routing.Route], known: Known | None) -> list[routing.R
         if rest:
             out.append(routing.Route(r.tenant, frozenset(rest), r.sender))
     return out
-
-
-def _act(source: ImapSource, folder: str, folder_id: int, uidvalidity: int, planned: list[_Planned],
-         ledger: Ledger, sinks: Mapping[str, Sink], settings: Settings, gate: TenantGate,
-         counts: Counts, final: dict[int, bool]) -> None:
-    decided = [p for p in planned if p.state is not None]
-    if decided:
-        with ledger.tx() as c:
-            sightings = []
-            for p in decided:
-                # A skipped copy with a Message-ID gets a message row (for status); a
-                # duplicate points at the row it duplicates.
-                ref = p.ref
-                if p.key and ref is None:
-                    ref = ledger.ensure_message(c, p.key, message_id=p.info.message_id, fingerprint=None,
-                                                size=p.info.size, date=p.info.date, state=p.state,
-                                                reason=p.reason, overwrite=False)
-                sightings.append(Sighting(p.uid, p.info.size, p.state, ref, p.info.message_id, p.reason))
-                counts.add(p.state)
-                final[p.uid] = True
-            ledger.record_sightings(c, folder_id, uidvalidity, sightings)
-    wanted = [p for p in planned if p.state is None]
-    sizes = [(p.uid, p.info.size) for p in wanted]
-    by_uid = {p.uid: p for p in wanted}
-    for uid_batch in batches(sizes, settings.batch_bytes, settings.batch_messages):
-        bodies = source.fetch_bodies(uid_batch, folder)
-        for uid in uid_batch:
-            p = by_uid[uid]
-            raw = bodies.get(uid)
-            if raw is None:  # expunged between the header and body fetch: nothing to archive
-                final[uid] = True
-                continue
-            final[uid] = _deliver(p, raw, folder_id, uidvalidity, ledger, sinks, gate, counts)
-
-
-def _deliver(p: _Planned, raw: bytes, folder_id: int, uidvalidity: int, ledger: Ledger,
-             sinks: Mapping[str, Sink], gate: TenantGate, counts: Counts) -> bool:
-    """Upload one copy to the vaults not yet covered; return whether it reached a final state."""
-    fp = None
-    if p.key is None:
-        fp = fingerprint(raw)
-        p.key = fp
-    known = ledger.lookup([p.key]).get(p.key)
-    todo = _missing(p.routes, known)
-    if not todo:
-        with ledger.tx() as c:
-            ledger.record_sightings(c, folder_id, uidvalidity, [
-                Sighting(p.uid, p.info.size, State.DUPLICATE, known.id if known else None, p.info.message_id)])
-        counts.add(State.DUPLICATE)
-        return True
-    # Rule 2: pending in the ledger before anything leaves.
-    with ledger.tx() as c:
-        ref = ledger.ensure_message(c, p.key, message_id=p.info.message_id, fingerprint=fp,
-                                    size=len(raw), date=p.info.date, state=State.PENDING)
-        ledger.record_sightings(c, folder_id, uidvalidity, [
-            Sighting(p.uid, p.info.size, State.PENDING, ref, p.info.message_id)])
-    states: list[State] = []
-    reason = detail = None
-    for route in todo:
-        if route.tenant in gate.closed:
-            states.append(State.PENDING)
-            continue
-        result = sinks[route.tenant].upload(UploadRequest(p.key, route.tenant, tuple(sorted(route.vaults)),
-                                                          route.sender, raw))
-        state = _state_of(result)
-        if result.outcome in (Outcome.FORBIDDEN, Outcome.UNREACHABLE):
-            gate.close(route.tenant, result)
-        with ledger.tx() as c:
-            if state is State.UPLOADED:
-                ledger.record_upload(c, ref, tenant=route.tenant, vaults=route.vaults,
-                                     upload_id=result.upload_id, attempts=result.attempts)
-            else:
-                ledger.record_failure(c, ref, state=state, reason=result.reason or "error",
-                                      error=result.detail, attempts=result.attempts)
-        if state is not State.UPLOADED:
-            reason, detail = result.reason, result.detail
-            log.warning("Message %s: %s to %s: %s", p.info.message_id or p.key, state.value, route.tenant, detail)
-        states.append(state)
-    copy_state = min(states, key=_PRECEDENCE.index)
-    with ledger.tx() as c:
-        if copy_state is State.PENDING:
-            ledger.record_failure(c, ref, state=State.PENDING, reason=reason or "tenant_unavailable",
-                                  error=detail, attempts=0)
-        ledger.record_sightings(c, folder_id, uidvalidity, [
-            Sighting(p.uid, p.info.size, copy_state, ref, p.info.message_id,
-                     None if copy_state is State.UPLOADED else reason)])
-    counts.add(copy_state, len(raw))
-    return copy_state.final
 
 
 def _state_of(result: UploadResult) -> State:
@@ -307,9 +163,214 @@ def _state_of(result: UploadResult) -> State:
     return State.PENDING  # FORBIDDEN / UNREACHABLE: redone on the next pass
 
 
-def _chunks(items: list[int], n: int):
-    for i in range(0, len(items), n):
-        yield items[i:i + n]
+class _FolderPass:
+    """One folder's pass: plan from headers, fetch what must go, upload, move the cursor."""
+
+    def __init__(self, source: ImapSource, row: FolderRow, ledger: Ledger, pool: UploadPool,
+                 settings: Settings, owner: str | None, counts: Counts):
+        self.source, self.row, self.ledger, self.pool = source, row, ledger, pool
+        self.settings, self.owner, self.counts = settings, owner, counts
+        self.name = row.name
+        self.uidvalidity = 0
+        self.final: dict[int, bool] = {}
+        self.in_flight: Counter[str] = Counter()  # message key -> uploads running
+
+    def run(self) -> None:
+        status = self.source.status(self.name)
+        if _unchanged(self.row, status):
+            return  # nothing new: STATUS was enough
+        self.uidvalidity = self.source.examine(self.name)
+        last_uid = self.row.last_uid
+        if self.row.uidvalidity != self.uidvalidity:
+            if self.row.uidvalidity is not None:
+                log.warning("Folder %s: UIDVALIDITY changed %s -> %s; scanning again from the start "
+                            "(known messages are not uploaded again)", self.name, self.row.uidvalidity,
+                            self.uidvalidity)
+            last_uid = 0
+            self.ledger.update_folder(self.row.id, uidvalidity=self.uidvalidity, last_uid=0)
+        uids = self.source.uids_after(last_uid, self.name)
+        done = self.ledger.sightings(self.row.id, self.uidvalidity, uids)  # final copies from an interrupted pass
+        todo = [u for u in uids if not (u in done and done[u].final)]
+        self.final = {u: True for u in uids if u not in todo}
+        for i in range(0, len(todo), self.settings.batch_messages):
+            self._handle(self._plan(todo[i:i + self.settings.batch_messages]))
+            self._record(self.pool.collect())
+            self._advance(uids, last_uid, None)
+        self.settle()
+        self._advance(uids, last_uid, status.uidnext)
+        if todo:
+            log.info("Folder %s: %d new message(s) handled", self.name, len(todo))
+
+    # ----- planning from headers --------------------------------------------------
+
+    def _plan(self, uids: list[int]) -> list[_Planned]:
+        """Decide from sizes and headers alone what each copy needs."""
+        planned = []
+        for h in self.source.fetch_headers(uids, self.name):
+            info = MessageInfo.from_headers(h.header, h.size)
+            rts = routing.routes(info.addresses, info.sender, self.owner, self.settings.domains_aliases)
+            p = _Planned(h.uid, info, rts, info.header_key)
+            if not rts:
+                p.state, p.reason = State.SKIPPED, routing.NO_PRIMARY_RECIPIENT
+            elif h.size > self.settings.max_message_bytes:
+                p.state, p.reason = State.SKIPPED, "too_large"
+            planned.append(p)
+        for uid in set(uids) - {p.uid for p in planned}:  # expunged meanwhile: nothing to archive
+            self.final[uid] = True
+        # Copies of messages whose upload is still running are decided when it has settled.
+        self._settle_keys({p.key for p in planned if p.key})
+        known = self.ledger.lookup(p.key for p in planned if p.key and p.state is None)
+        for p in planned:
+            if p.state is None and p.key in known and not _missing(p.routes, known[p.key]):
+                p.state, p.ref = State.DUPLICATE, known[p.key].id
+        return planned
+
+    # ----- acting ---------------------------------------------------------------------
+
+    def _handle(self, planned: list[_Planned]) -> None:
+        self._record_decided([p for p in planned if p.state is not None])
+        wanted = {p.uid: p for p in planned if p.state is None}
+        sizes = [(uid, p.info.size) for uid, p in wanted.items()]
+        for uid_batch in batches(sizes, self.settings.batch_bytes, self.settings.batch_messages):
+            bodies = self.source.fetch_bodies(uid_batch, self.name)
+            items: list[tuple[_Planned, bytes]] = []
+            for uid in uid_batch:
+                raw = bodies.pop(uid, None)
+                if raw is None:  # expunged between the header and body fetch
+                    self.final[uid] = True
+                    continue
+                p = wanted[uid]
+                if p.key is None:
+                    p.key = fingerprint(raw)
+                items.append((p, raw))
+            # The first copy of each key goes now; a later copy of the same message is
+            # decided once the first has its answer (rule 5: upload only what is not covered).
+            firsts: dict[str, tuple[_Planned, bytes]] = {}
+            later: list[tuple[_Planned, bytes]] = []
+            for p, raw in items:
+                if p.key in firsts:
+                    later.append((p, raw))
+                else:
+                    firsts[p.key] = (p, raw)  # type: ignore[index]
+            self._start(list(firsts.values()))
+            for item in later:
+                self._start([item])
+
+    def _record_decided(self, decided: list[_Planned]) -> None:
+        if not decided:
+            return
+        with self.ledger.tx() as c:
+            sightings = []
+            for p in decided:
+                ref = p.ref
+                if p.key and ref is None:  # a skipped copy with a Message-ID: keep its row for status
+                    ref = self.ledger.ensure_message(c, p.key, message_id=p.info.message_id, fingerprint=None,
+                                                     size=p.info.size, date=p.info.date, state=p.state,
+                                                     reason=p.reason, overwrite=False)
+                sightings.append(Sighting(p.uid, p.info.size, p.state, ref, p.info.message_id, p.reason))
+                self.counts.add(p.state)
+                self.final[p.uid] = True
+            self.ledger.record_sightings(c, self.row.id, self.uidvalidity, sightings)
+
+    def _start(self, items: list[tuple[_Planned, bytes]]) -> None:
+        """Duplicates are recorded; the rest are made pending (rule 2), then submitted."""
+        self._settle_keys({p.key for p, _ in items if p.key})
+        known = self.ledger.lookup(p.key for p, _ in items if p.key)
+        uploads: list[tuple[_Planned, bytes, list[routing.Route]]] = []
+        with self.ledger.tx() as c:
+            sightings = []
+            for p, raw in items:
+                todo = _missing(p.routes, known.get(p.key))
+                if not todo:
+                    p.ref = known[p.key].id
+                    sightings.append(Sighting(p.uid, p.info.size, State.DUPLICATE, p.ref, p.info.message_id))
+                    self.counts.add(State.DUPLICATE)
+                    self.final[p.uid] = True
+                    continue
+                p.ref = self.ledger.ensure_message(
+                    c, p.key, message_id=p.info.message_id, fingerprint=p.key if p.key.startswith("f:") else None,
+                    size=len(raw), date=p.info.date, state=State.PENDING)
+                sightings.append(Sighting(p.uid, p.info.size, State.PENDING, p.ref, p.info.message_id))
+                uploads.append((p, raw, todo))
+            self.ledger.record_sightings(c, self.row.id, self.uidvalidity, sightings)
+        for p, raw, todo in uploads:
+            payload = Payload(raw) if len(raw) <= self.settings.spool_bytes else Payload.spooled(raw)
+            copy = _Copy(p, p.ref, payload, waiting=len(todo))  # type: ignore[arg-type]
+            for route in todo:
+                self.in_flight[p.key] += 1  # type: ignore[index]
+                self._record(self.pool.collect())  # keep results flowing while submitting
+                self.pool.submit(Job(UploadRequest(p.key, route.tenant, tuple(sorted(route.vaults)),  # type: ignore[arg-type]
+                                                   route.sender, payload), copy))
+
+    # ----- results ----------------------------------------------------------------------
+
+    def settle(self) -> None:
+        """Wait for every upload of this folder and record it."""
+        while self.in_flight:
+            self._record(self.pool.collect(block=True))
+
+    def _settle_keys(self, keys: Iterable[str]) -> None:
+        keys = set(keys)
+        while keys & set(+self.in_flight):
+            self._record(self.pool.collect(block=True))
+
+    def _record(self, dones: list[Done]) -> None:
+        """Write a batch of upload results in one transaction."""
+        if not dones:
+            return
+        with self.ledger.tx() as c:
+            for d in dones:
+                copy: _Copy = d.job.owner
+                req, result = d.job.request, d.result
+                state = _state_of(result)
+                if state is State.UPLOADED:
+                    self.ledger.record_upload(c, copy.ref, tenant=req.tenant, vaults=req.vaults,
+                                              upload_id=result.upload_id, attempts=result.attempts)
+                else:
+                    self.ledger.record_failure(c, copy.ref, state=state, reason=result.reason or "error",
+                                               error=result.detail, attempts=result.attempts)
+                    copy.reason, copy.detail = result.reason, result.detail
+                    if result.outcome not in (Outcome.FORBIDDEN, Outcome.UNREACHABLE) or result.attempts:
+                        log.warning("Message %s in %s: %s for %s: %s", copy.p.info.message_id or copy.p.key,
+                                    self.name, result.reason, req.tenant, result.detail)
+                copy.states.append(state)
+                copy.waiting -= 1
+                self.in_flight[req.key] -= 1
+                if self.in_flight[req.key] <= 0:
+                    del self.in_flight[req.key]
+                if copy.waiting == 0:
+                    self._settle_copy(c, copy)
+
+    def _settle_copy(self, c, copy: _Copy) -> None:
+        state = min(copy.states, key=_PRECEDENCE.index)
+        p = copy.p
+        if state is State.PENDING:
+            self.ledger.record_failure(c, copy.ref, state=State.PENDING, reason=copy.reason or "tenant_unavailable",
+                                       error=copy.detail, attempts=0)
+        self.ledger.record_sightings(c, self.row.id, self.uidvalidity, [
+            Sighting(p.uid, p.info.size, state, copy.ref, p.info.message_id,
+                     None if state is State.UPLOADED else copy.reason)])
+        self.counts.add(state, copy.payload.size)
+        self.final[p.uid] = state.final
+        copy.payload.discard()
+
+    # ----- cursor -------------------------------------------------------------------------
+
+    def _advance(self, uids: list[int], last_uid: int, uidnext: int | None) -> None:
+        """Move the cursor over the leading run of final UIDs (rule 3)."""
+        cursor = last_uid
+        complete = True
+        for uid in uids:
+            if not self.final.get(uid):
+                complete = False
+                break
+            cursor = uid
+        values: dict = {"last_uid": cursor, "last_sync_at": now(), "last_error": None}
+        if uidnext is not None:
+            values["uidnext"] = uidnext
+            if complete:
+                values["last_uid"] = max(cursor, uidnext - 1)
+        self.ledger.update_folder(self.row.id, **values)
 
 
-__all__ = ["sync_account", "Settings", "TenantGate", "AccountResult", "Counts", "LedgerError"]
+__all__ = ["sync_account", "Settings", "TenantGate", "AccountResult", "Counts"]

@@ -9,19 +9,20 @@ from conftest import API_KEY
 
 from imapsync.sinks.base import Outcome, UploadRequest
 from imapsync.sinks.directory import DirectorySink
-from imapsync.sinks.vaultastic import VaultasticSink
+from imapsync.sinks.vaultastic import RetryPolicy, VaultasticSink
+
+FAST = RetryPolicy(max_attempts=3, backoff_factor=0.01, backoff_max=0.05)
 
 RAW = b"From: a@acme.com\r\nTo: b@acme.com\r\nSubject: s\r\n\r\nbody\r\n"
 
 
 def request(vaults=("b@acme.com",), raw=RAW, key="m:1") -> UploadRequest:
-    return UploadRequest(key, "acme.com", tuple(vaults), "a@acme.com", raw)
+    return UploadRequest.of(key, "acme.com", vaults, "a@acme.com", raw)
 
 
 @pytest.fixture
 def sink(receiver):
-    s = VaultasticSink("acme.com", receiver.url, API_KEY, max_attempts=3, backoff_factor=0.01, backoff_max=0.05,
-                       timeout=10)
+    s = VaultasticSink("acme.com", receiver.url, API_KEY, retry=FAST, timeout=10)
     yield s
     s.close()
 
@@ -59,7 +60,7 @@ def test_permanent_answers_are_not_retried(sink, receiver, answer, outcome, reas
 def test_throttling_is_retried_after_retry_after(tmp_path):
     from imapsync.receiver import Receiver
     with Receiver(tmp_path / "r", api_key=API_KEY, retry_after=0) as r:
-        s = VaultasticSink("acme.com", r.url, API_KEY, max_attempts=3, backoff_factor=0.01)
+        s = VaultasticSink("acme.com", r.url, API_KEY, retry=FAST)
         r.script(429, 429)
         result = s.upload(request())
         assert result.outcome is Outcome.UPLOADED and result.attempts == 3
@@ -95,7 +96,7 @@ def test_put_failing_past_the_budget_is_s3_upload_failed(sink, receiver):
 def test_unreachable_endpoint(receiver):
     url = receiver.url
     receiver.stop()
-    s = VaultasticSink("acme.com", url, API_KEY, max_attempts=2, backoff_factor=0.01)
+    s = VaultasticSink("acme.com", url, API_KEY, retry=RetryPolicy(max_attempts=2, backoff_factor=0.01))
     result = s.upload(request())
     assert result.outcome is Outcome.UNREACHABLE and API_KEY not in (result.detail or "")
 

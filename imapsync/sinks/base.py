@@ -8,10 +8,14 @@ the next pass: UNREACHABLE (the endpoint cannot be reached at all) and FORBIDDEN
 """
 from __future__ import annotations
 
+import hashlib
+import os
+import tempfile
 import uuid
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Protocol
+from pathlib import Path
+from typing import BinaryIO, Protocol
 
 #: Namespace for request ids: the same message to the same vaults always gets the
 #: same id, so a retry after a crash is recognised by the API and not stored twice.
@@ -26,13 +30,70 @@ class Outcome(str, Enum):
     FORBIDDEN = "forbidden"
 
 
+class Payload:
+    """The raw bytes of one message, in memory or spooled to a file (large messages).
+
+    A spooled payload is streamed to the sink from its file, so a large message is
+    not held in memory while it waits for, or goes through, its upload.
+    """
+
+    def __init__(self, data: bytes | None = None, path: Path | None = None):
+        if (data is None) == (path is None):
+            raise ValueError("give data or path")
+        self._data = data
+        self.path = path
+        if data is not None:
+            self.size = len(data)
+            self.sha256 = hashlib.sha256(data).hexdigest()
+        else:
+            h = hashlib.sha256()
+            with open(path, "rb") as f:  # type: ignore[arg-type]
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            self.size = path.stat().st_size  # type: ignore[union-attr]
+            self.sha256 = h.hexdigest()
+
+    @classmethod
+    def spooled(cls, data: bytes, directory: Path | None = None) -> "Payload":
+        fd, name = tempfile.mkstemp(prefix="imapsync-", suffix=".eml", dir=directory)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return cls(path=Path(name))
+
+    def read(self) -> bytes:
+        if self._data is not None:
+            return self._data
+        return self.path.read_bytes()  # type: ignore[union-attr]
+
+    def open(self) -> BinaryIO:
+        """A fresh reader from the first byte (one per attempt)."""
+        if self._data is not None:
+            import io
+            return io.BytesIO(self._data)
+        return open(self.path, "rb")  # type: ignore[arg-type]
+
+    def discard(self) -> None:
+        """Drop the bytes (and the spool file): called once the upload is settled."""
+        self._data = b"" if self._data is not None else None
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
 @dataclass(frozen=True)
 class UploadRequest:
     key: str  # the ledger's message key
     tenant: str  # primary domain
     vaults: tuple[str, ...]  # sorted primary e-mail addresses
     sender: str | None
-    raw: bytes
+    payload: Payload
+
+    @classmethod
+    def of(cls, key: str, tenant: str, vaults, sender: str | None, raw: bytes) -> "UploadRequest":
+        return cls(key, tenant, tuple(sorted(vaults)), sender, Payload(raw))
+
+    @property
+    def raw(self) -> bytes:
+        return self.payload.read()
 
     @property
     def request_id(self) -> str:

@@ -2,48 +2,63 @@
 
 The vendor documents the SDK, not the HTTP API; this module implements the model in
 vaultastic-api.md (ask for an upload slot, then PUT the raw message), so a different
-real format is changed here and nowhere else. One pooled requests Session per tenant;
-retries of transient answers (connection errors, timeouts, 408, 429, 5xx) are done
-by urllib3's Retry with exponential backoff, jitter and Retry-After. The request id
-is derived from the message key and vaults, so a retry, even after a crash, is
-answered "already complete" instead of storing the message twice.
+real format is changed here and nowhere else. One pooled requests Session per tenant,
+sized for the upload concurrency. Every HTTP attempt takes a token from the tenant's
+bucket; transient answers (connection errors, timeouts, 408, 429, 5xx) are retried by
+tenacity with exponential backoff and full jitter, never sooner than Retry-After, and
+within a budget per message of attempts and seconds. A 429 pauses the whole tenant.
+The request id is derived from the message key and vaults, so a retry, even after a
+crash, is answered "already complete" instead of storing the message twice.
 """
 from __future__ import annotations
 
-import hashlib
+import email.utils
 import json
+import time
+from dataclasses import dataclass
 
 import requests
 from requests.adapters import HTTPAdapter
-from urllib3.util import Retry
+from tenacity import RetryCallState, Retrying, retry_if_result, stop_after_attempt, stop_after_delay
+from tenacity.wait import wait_random_exponential
 
+from imapsync.ratelimit import TokenBucket
 from imapsync.sinks.base import Outcome, UploadRequest, UploadResult
 
 TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 #: How often an expired upload slot (403 on the PUT) is asked for again.
 SLOT_ROUNDS = 3
+#: The API's documented throttle: 10,000 requests/s, bursts of 5,000.
+DEFAULT_RATE, DEFAULT_BURST = 10_000.0, 5_000
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Design rule 6: how long one message may keep trying."""
+
+    max_attempts: int = 5
+    backoff_factor: float = 1.0  # seconds; full jitter over factor * 2**attempt
+    backoff_max: float = 60.0
+    budget_seconds: float = 900.0  # per step, whatever the attempts
+
+
+Answer = requests.Response | requests.RequestException
 
 
 class VaultasticSink:
-    """Uploads to one tenant (primary domain) of the Vaultastic API."""
+    """Uploads to one tenant (primary domain) of the Vaultastic API. Thread-safe."""
 
-    def __init__(self, domain: str, endpoint: str, api_key: str, *, max_attempts: int = 5,
-                 backoff_factor: float = 1.0, backoff_max: float = 60.0, timeout: float = 120.0,
-                 pool_size: int = 16):
+    def __init__(self, domain: str, endpoint: str, api_key: str, *, retry: RetryPolicy = RetryPolicy(),
+                 timeout: float = 120.0, pool_size: int = 16, rate: float = DEFAULT_RATE,
+                 burst: int = DEFAULT_BURST):
         self.domain = domain
         self.endpoint = endpoint.rstrip("/")
         self._api_key = api_key
+        self.retry = retry
         self.timeout = (min(10.0, timeout), timeout)
-        self.max_attempts = max_attempts
-        retry = Retry(
-            total=max_attempts - 1, connect=max_attempts - 1, read=max_attempts - 1,
-            status=max_attempts - 1, other=0, redirect=0,
-            status_forcelist=TRANSIENT_STATUSES, allowed_methods={"GET", "POST", "PUT"},
-            backoff_factor=backoff_factor, backoff_max=backoff_max, backoff_jitter=backoff_factor,
-            respect_retry_after_header=True, raise_on_status=False,
-        )
+        self.bucket = TokenBucket(rate, burst)
         self.session = requests.Session()
-        adapter = HTTPAdapter(max_retries=retry, pool_connections=2, pool_maxsize=pool_size, pool_block=True)
+        adapter = HTTPAdapter(max_retries=0, pool_connections=2, pool_maxsize=pool_size, pool_block=True)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.session.headers["User-Agent"] = "imapsync"
@@ -60,64 +75,102 @@ class VaultasticSink:
         except requests.RequestException:
             return False
 
+    # ----- one HTTP attempt, and attempts with retries ----------------------------
+
+    def _attempt(self, method: str, url: str, request: UploadRequest | None = None, **kwargs) -> Answer:
+        self.bucket.acquire()
+        try:
+            if request is not None:  # a fresh reader for every attempt: streamed, not copied
+                with request.payload.open() as body:
+                    r = self.session.request(method, url, data=body, timeout=self.timeout, **kwargs)
+            else:
+                r = self.session.request(method, url, timeout=self.timeout, **kwargs)
+        except requests.RequestException as e:
+            return e
+        if r.status_code == 429:
+            self.bucket.pause(_retry_after(r) or self.retry.backoff_factor)
+        return r
+
+    def _wait(self, state: RetryCallState) -> float:
+        jitter = wait_random_exponential(multiplier=self.retry.backoff_factor, max=self.retry.backoff_max)(state)
+        answer = state.outcome.result() if state.outcome else None
+        after = _retry_after(answer) if isinstance(answer, requests.Response) else None
+        return max(jitter, after or 0.0)
+
+    def _with_retries(self, method: str, url: str, **kwargs) -> tuple[Answer, int]:
+        retrying = Retrying(
+            stop=stop_after_attempt(self.retry.max_attempts) | stop_after_delay(self.retry.budget_seconds),
+            wait=self._wait, retry=retry_if_result(_transient),
+            retry_error_callback=lambda state: state.outcome.result(), sleep=time.sleep)
+        answer = retrying(self._attempt, method, url, **kwargs)
+        return answer, retrying.statistics.get("attempt_number", 1)
+
+    # ----- the two steps -------------------------------------------------------------
+
     def upload(self, request: UploadRequest) -> UploadResult:
         body = {
             "requestId": request.request_id,
             "primaryDomain": request.tenant,
             "recipients": list(request.vaults),
-            "size": len(request.raw),
-            "sha256": hashlib.sha256(request.raw).hexdigest(),
+            "size": request.payload.size,
+            "sha256": request.payload.sha256,
         }
         if request.sender:
             body["sender"] = request.sender
         attempts = 0
         for _round in range(SLOT_ROUNDS):
-            try:
-                r = self.session.post(f"{self.endpoint}/v1/uploads", json=body, timeout=self.timeout,
-                                      headers={"x-api-key": self._api_key})
-            except requests.RequestException as e:
-                return UploadResult(Outcome.UNREACHABLE, attempts + self.max_attempts, reason="unreachable",
-                                    detail=f"cannot reach {self.endpoint}: {_why(e)}")
-            attempts += _tries(r)
-            status, answer = r.status_code, _json(r)
-            if status == 200 and answer.get("status") == "complete":
-                return UploadResult(Outcome.UPLOADED, attempts, upload_id=answer.get("uploadId"))
-            if status == 201 and answer.get("uploadUrl"):
-                put = self._put(answer["uploadUrl"], request.raw)
-                attempts += put[1] - 1  # the PUT belongs to its slot's attempt; count its retries
-                if put[0] is None:  # slot expired: ask again with the same requestId
+            answer, tries = self._with_retries("POST", f"{self.endpoint}/v1/uploads", json=body,
+                                               headers={"x-api-key": self._api_key})
+            attempts += tries
+            if isinstance(answer, requests.RequestException):
+                if isinstance(answer, requests.ConnectionError) and not isinstance(answer, requests.Timeout):
+                    return UploadResult(Outcome.UNREACHABLE, attempts, reason="unreachable",
+                                        detail=f"cannot reach {self.endpoint}: {_why(answer)}")
+                return UploadResult(Outcome.FAILED, attempts, reason="timeout",
+                                    detail=f"no answer from {self.endpoint} after {tries} attempts")
+            status, data = answer.status_code, _json(answer)
+            if status == 200 and data.get("status") == "complete":
+                return UploadResult(Outcome.UPLOADED, attempts, upload_id=data.get("uploadId"))
+            if status == 201 and data.get("uploadUrl"):
+                result, put_tries = self._put(data["uploadUrl"], request)
+                attempts += put_tries - 1  # the PUT belongs to its slot's attempt; count its retries
+                if result is None:  # the slot expired: ask again with the same requestId
                     continue
-                result = put[0]
-                return UploadResult(result.outcome, attempts, upload_id=result.upload_id or answer.get("uploadId"),
+                return UploadResult(result.outcome, attempts, upload_id=data.get("uploadId"),
                                     reason=result.reason, detail=result.detail)
-            return _classify_slot_answer(status, answer, attempts, r)
+            return _classify_slot_answer(status, data, attempts)
         return UploadResult(Outcome.FAILED, attempts, reason="slot_expired",
                             detail=f"upload slot expired {SLOT_ROUNDS} times")
 
-    def _put(self, url: str, raw: bytes) -> tuple[UploadResult | None, int]:
-        try:
-            r = self.session.put(url, data=raw, timeout=self.timeout,
-                                 headers={"Content-Type": "message/rfc822"})
-        except requests.RequestException as e:
+    def _put(self, url: str, request: UploadRequest) -> tuple[UploadResult | None, int]:
+        answer, tries = self._with_retries(
+            "PUT", url, request=request,
+            headers={"Content-Type": "message/rfc822", "Content-Length": str(request.payload.size)})
+        if isinstance(answer, requests.RequestException):
             return UploadResult(Outcome.FAILED, reason="s3_upload_failed",
-                                detail=f"message upload failed: {_why(e)}"), self.max_attempts
-        tries = _tries(r)
-        if 200 <= r.status_code < 300:
-            return UploadResult(Outcome.UPLOADED, upload_id=None), tries
-        if r.status_code == 403:
+                                detail=f"message upload failed after {tries} attempts: {_why(answer)}"), tries
+        if 200 <= answer.status_code < 300:
+            return UploadResult(Outcome.UPLOADED), tries
+        if answer.status_code == 403:
             return None, tries
-        answer = _json(r)
-        if r.status_code == 400 and answer.get("error") == "digest_mismatch":
+        data = _json(answer)
+        if answer.status_code == 400 and data.get("error") == "digest_mismatch":
             return UploadResult(Outcome.PERMANENT, reason="digest_mismatch",
                                 detail="the service received different bytes than announced"), tries
-        if r.status_code in TRANSIENT_STATUSES:
+        if answer.status_code in TRANSIENT_STATUSES:
             return UploadResult(Outcome.FAILED, reason="s3_upload_failed",
-                                detail=f"message upload answered HTTP {r.status_code} after {tries} attempts"), tries
-        return UploadResult(Outcome.PERMANENT, reason=f"http_{r.status_code}",
-                            detail=_detail(answer, r.status_code)), tries
+                                detail=f"message upload answered HTTP {answer.status_code} after {tries} attempts"), tries
+        return UploadResult(Outcome.PERMANENT, reason=f"http_{answer.status_code}",
+                            detail=_detail(data, answer.status_code)), tries
 
 
-def _classify_slot_answer(status: int, answer: dict, attempts: int, r: requests.Response) -> UploadResult:
+def _transient(answer: Answer) -> bool:
+    if isinstance(answer, requests.RequestException):
+        return True
+    return answer.status_code in TRANSIENT_STATUSES
+
+
+def _classify_slot_answer(status: int, answer: dict, attempts: int) -> UploadResult:
     """The action for each row of the answer table in vaultastic-api.md."""
     error = answer.get("error")
     if status == 400 and error == "invalid_recipient":
@@ -141,10 +194,20 @@ def _classify_slot_answer(status: int, answer: dict, attempts: int, r: requests.
     return UploadResult(Outcome.PERMANENT, attempts, reason=f"http_{status}", detail=_detail(answer, status))
 
 
-def _tries(r: requests.Response) -> int:
-    """HTTP attempts behind one answered call, from urllib3's retry history."""
-    retries = getattr(r.raw, "retries", None)
-    return 1 + len(retries.history) if retries is not None else 1
+def _retry_after(r: requests.Response) -> float | None:
+    """Retry-After in seconds (delta-seconds or an HTTP date), or None."""
+    value = r.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 def _json(r: requests.Response) -> dict:
