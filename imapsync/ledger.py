@@ -28,7 +28,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from imapsync.errors import LedgerError
 
-TABLES = ("accounts", "folders", "messages", "sightings", "deliveries", "runs")
+TABLES = ("accounts", "folders", "messages", "sightings", "deliveries", "runs", "leases")
 
 
 class State(str, Enum):
@@ -258,6 +258,46 @@ class Ledger:
         m = self.t["messages"]
         c.execute(m.update().where(m.c.id == message_ref).values(
             state=state.value, reason=reason, last_error=error, attempts=m.c.attempts + attempts))
+
+    # ----- leases: one worker (sync, backfill, daemon) per account at a time ------------
+
+    def acquire_lease(self, account: str, owner: str, purpose: str, seconds: float) -> bool:
+        """Take the account's lease if it is free, expired or already ours; True on success.
+
+        Works on SQLite and PostgreSQL alike: an INSERT races on the primary key, and an
+        UPDATE takes over only a lease that is expired or our own.
+        """
+        from datetime import timedelta
+        from sqlalchemy.exc import IntegrityError
+
+        le = self.t["leases"]
+        ts = now()
+        values = {"owner": owner, "purpose": purpose, "acquired_at": ts, "expires_at": ts + timedelta(seconds=seconds)}
+        try:
+            with self.engine.begin() as c:
+                taken = c.execute(le.update().where(
+                    le.c.account == account, sa.or_(le.c.owner == owner, le.c.expires_at < ts)).values(**values))
+                if taken.rowcount:
+                    return True
+                if c.execute(sa.select(le.c.account).where(le.c.account == account)).first():
+                    return False
+                c.execute(le.insert().values(account=account, **values))
+                return True
+        except IntegrityError:
+            return False  # another worker inserted it first
+        except SQLAlchemyError as e:
+            raise LedgerError(_short(e), self.url) from None
+
+    def release_lease(self, account: str, owner: str) -> None:
+        le = self.t["leases"]
+        with self.tx() as c:
+            c.execute(le.delete().where(le.c.account == account, le.c.owner == owner))
+
+    def lease_holder(self, account: str) -> dict | None:
+        le = self.t["leases"]
+        with self.tx() as c:
+            row = c.execute(sa.select(le).where(le.c.account == account, le.c.expires_at >= now())).mappings().first()
+        return dict(row) if row else None
 
     # ----- runs -----------------------------------------------------------------------
 

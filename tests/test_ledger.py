@@ -23,7 +23,7 @@ def test_an_unversioned_empty_file_is_upgraded(tmp_path):
     path = tmp_path / "old.sqlite3"
     sqlite3.connect(path).close()  # e.g. created by an older tool: no tables yet
     ledger = Ledger.open(f"sqlite:///{path}")
-    assert set(ledger.t) == {"accounts", "folders", "messages", "sightings", "deliveries", "runs"}
+    assert set(ledger.t) == {"accounts", "folders", "messages", "sightings", "deliveries", "runs", "leases"}
 
 
 def test_coverage_and_sightings(ledger_url):
@@ -46,8 +46,47 @@ def test_coverage_and_sightings(ledger_url):
 def test_migrations_are_idempotent_on_every_backend(ledger_url):
     Ledger.open(ledger_url).close()
     ledger = Ledger.open(ledger_url)
-    assert set(ledger.t) == {"accounts", "folders", "messages", "sightings", "deliveries", "runs"}
+    assert set(ledger.t) == {"accounts", "folders", "messages", "sightings", "deliveries", "runs", "leases"}
     run = ledger.start_run("sync", "a")
     ledger.finish_run(run, outcome="ok", counts={"uploaded": 2}, error=None)
     acc = ledger.account_id("a", "h", "u")
     assert ledger.status()[0]["last_run"]["uploaded"] == 2 and ledger.account_id("a", "h", "u") == acc
+
+
+def test_leases_give_each_account_to_one_worker(ledger_url):
+    a, b = Ledger.open(ledger_url), Ledger.open(ledger_url)  # two workers, one ledger
+    assert a.acquire_lease("acc", "worker-a", "sync", 60)
+    assert not b.acquire_lease("acc", "worker-b", "backfill", 60)
+    assert a.acquire_lease("acc", "worker-a", "sync", 60)  # renewal by the holder
+    assert b.lease_holder("acc")["owner"] == "worker-a"
+    a.release_lease("acc", "worker-a")
+    assert b.acquire_lease("acc", "worker-b", "backfill", 60)
+    assert not a.acquire_lease("acc", "worker-a", "sync", 60)
+
+
+def test_an_expired_lease_is_taken_over(ledger_url):
+    a, b = Ledger.open(ledger_url), Ledger.open(ledger_url)
+    assert a.acquire_lease("acc", "worker-a", "sync", -1)  # already expired: a crashed worker
+    assert b.acquire_lease("acc", "worker-b", "sync", 60)
+    assert b.lease_holder("acc")["owner"] == "worker-b"
+
+
+def test_a_ledger_from_an_older_version_upgrades_itself_and_keeps_its_data(ledger_url):
+    import sqlalchemy as sa
+    from alembic import command
+    from alembic.config import Config
+    from importlib.resources import files
+
+    engine = sa.create_engine(ledger_url)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(files("imapsync.migrations")))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")  # the first released schema
+        conn.execute(sa.text("INSERT INTO accounts (name, host, username) VALUES ('old', 'h', 'u')"))
+    engine.dispose()
+    ledger = Ledger.open(ledger_url)
+    assert "leases" in ledger.t
+    assert [a["account"] for a in ledger.status()] == ["old"]
+    with ledger.tx() as c:
+        assert c.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0002"
