@@ -24,6 +24,9 @@ log = logging.getLogger("imapsync")
 def make_sinks(loaded: LoadedConfig) -> dict[str, Sink]:
     """One sink per tenant (primary domain)."""
     cfg = loaded.config
+    if cfg.sink == "vaultastic-sdk":
+        from imapsync.sinks.sdk import make_sdk_sinks
+        return make_sdk_sinks(loaded)
     if cfg.sink == "directory":
         shared = DirectorySink(loaded.directory)  # type: ignore[arg-type]
         return {t.domain: shared for t in cfg.tenants}

@@ -71,6 +71,7 @@ class Policy:
     max_attempts: int = 5
     backoff_factor: float = 1.0
     backoff_max: float = 60.0
+    budget_seconds: float = 900.0
     timeout: float = 120.0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 
@@ -163,10 +164,11 @@ def read_policy(environ: Mapping[str, str], loaded: LoadedConfig | None) -> Poli
     base = Policy()
     if loaded is not None:
         up = loaded.config.upload
-        base = Policy(up.max_attempts, up.backoff_factor, up.backoff_max, up.timeout, up.max_message_bytes)
+        base = Policy(up.max_attempts, up.backoff_factor, up.backoff_max, up.budget_seconds, up.timeout,
+                      up.max_message_bytes)
     return Policy(_env_number(environ, MAX_ATTEMPTS_ENV, int, 1, base.max_attempts),
                   _env_number(environ, BACKOFF_ENV, float, 0, base.backoff_factor),
-                  base.backoff_max, base.timeout, base.max_message_bytes)
+                  base.backoff_max, base.budget_seconds, base.timeout, base.max_message_bytes)
 
 
 def load_config(config_path: Path | None, environ: Mapping[str, str]) -> tuple[LoadedConfig | None, str | None]:
@@ -203,13 +205,14 @@ def exit_for(result: UploadResult, plan: Plan) -> tuple[ExitCode, str]:
 
 
 def send(plan: Plan, target: Target, policy: Policy) -> UploadResult:
-    from imapsync.sinks.vaultastic import VaultasticSink
+    from imapsync.sinks.vaultastic import RetryPolicy, VaultasticSink
 
-    sink = VaultasticSink(target.domain, target.endpoint, target.api_key, max_attempts=policy.max_attempts,
-                          backoff_factor=policy.backoff_factor, backoff_max=policy.backoff_max,
-                          timeout=policy.timeout)
+    retry = RetryPolicy(max_attempts=policy.max_attempts, backoff_factor=policy.backoff_factor,
+                        backoff_max=policy.backoff_max, budget_seconds=policy.budget_seconds)
+    sink = VaultasticSink(target.domain, target.endpoint, target.api_key, retry=retry, timeout=policy.timeout,
+                          pool_size=1)
     try:
-        return sink.upload(UploadRequest(plan.key, target.domain, plan.vaults, plan.sender, plan.raw))
+        return sink.upload(UploadRequest.of(plan.key, target.domain, plan.vaults, plan.sender, plan.raw))
     finally:
         sink.close()
 

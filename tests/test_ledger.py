@@ -89,4 +89,6 @@ def test_a_ledger_from_an_older_version_upgrades_itself_and_keeps_its_data(ledge
     assert "leases" in ledger.t
     assert [a["account"] for a in ledger.status()] == ["old"]
     with ledger.tx() as c:
-        assert c.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+        from alembic.script import ScriptDirectory
+        head = ScriptDirectory.from_config(cfg).get_current_head()
+        assert c.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == head != "0001"

@@ -7,7 +7,7 @@ is the always-compatible path for an endpoint that does not speak the model.
 Two modes:
 
 - subprocess (default): the raw message goes to a private temp .eml file (0600, removed
-  afterwards) and the script runs as
+  afterwards; a payload already spooled to a file is passed as it is) and the script runs as
   ``PYTHON SCRIPT -i FILE -r V1,V2 [-s SENDER]`` with PRIMARY_DOMAIN, API_ENDPOINT_URL and
   API_KEY in its environment. The script's environment is otherwise an allow-list
   (PATH, HOME, locale, proxies, CA bundles, plus ``sdk.pass_env``) so that it never sees
@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -173,7 +173,7 @@ class SdkSink:
     def upload(self, request: UploadRequest) -> UploadResult:
         if self.mode == "inprocess" and self._fits_inprocess(request):
             return self._with_retries(lambda: self._run_inprocess(request.raw))
-        with self._eml_file(request.raw) as path:
+        with self._eml_file(request) as path:
             argv = self._argv(path, request)
             return self._with_retries(lambda: self._run_subprocess(argv))
 
@@ -224,11 +224,16 @@ class SdkSink:
     # ----- subprocess mode ----------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _eml_file(self, raw: bytes):
-        fd, name = tempfile.mkstemp(prefix="imapsync-", suffix=".eml")  # 0600 by construction
+    def _eml_file(self, request: UploadRequest) -> Iterator[Path]:
+        """The message as a private file for -i: its spool file (owned and removed by the
+        payload), or a temp file of ours (0600, removed here)."""
+        if request.payload.path is not None:
+            yield request.payload.path
+            return
+        fd, name = tempfile.mkstemp(prefix="imapsync-sdk-", suffix=".eml")  # 0600 by construction
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(raw)
+                f.write(request.raw)
             yield Path(name)
         finally:
             Path(name).unlink(missing_ok=True)
