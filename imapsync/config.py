@@ -189,6 +189,8 @@ class Sdk(Strict):
 class Fetch(Strict):
     batch_bytes: ByteSize = 16 * 1024 * 1024
     batch_messages: int = Field(default=500, ge=1)
+    reconnects: int = Field(default=3, ge=0, le=100)  # within one pass, after a drop or timeout
+    reconnect_backoff: float = Field(default=1.0, ge=0)  # seconds before the first; doubles
 
 
 class Config(Strict):

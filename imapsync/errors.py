@@ -52,10 +52,13 @@ class ConfigError(ImapsyncError):
 
 class SourceErrorKind:
     AUTH = "auth_failed"
-    UNREACHABLE = "unreachable"
+    UNREACHABLE = "unreachable"  # cannot connect, or the connection broke
     TLS = "tls_error"
     TIMEOUT = "timeout"
-    PROTOCOL = "protocol_error"
+    PROTOCOL = "protocol_error"  # the server refused a command (NO/BAD)
+
+    #: Kinds after which a new connection may well succeed.
+    RECONNECTABLE = frozenset({"unreachable", "timeout"})
 
 
 @dataclass

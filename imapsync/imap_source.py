@@ -16,7 +16,7 @@ from pathlib import Path
 
 import imapclient
 from imapclient import IMAPClient
-from imapclient.exceptions import IMAPClientError, LoginError
+from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginError
 
 from imapsync.config import Account, FolderFilter, TlsMode
 from imapsync.errors import SourceError, SourceErrorKind
@@ -63,6 +63,8 @@ def _translate(e: BaseException, what: str) -> SourceError:
         return SourceError(SourceErrorKind.TLS, f"TLS failed: {e.reason or e}")
     if isinstance(e, (socket.timeout, TimeoutError)):
         return SourceError(SourceErrorKind.TIMEOUT, f"no answer in time while {what}")
+    if isinstance(e, IMAPClientAbortError):  # the connection broke (EOF, reset, BYE)
+        return SourceError(SourceErrorKind.UNREACHABLE, f"connection lost while {what}: {str(e)[:200]}")
     if isinstance(e, (ConnectionError, socket.gaierror, OSError)) and not isinstance(e, IMAPClientError):
         return SourceError(SourceErrorKind.UNREACHABLE, f"{what}: {e.strerror or e}")
     text = str(e)

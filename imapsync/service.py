@@ -49,6 +49,8 @@ def settings_of(loaded: LoadedConfig) -> Settings:
         batch_bytes=cfg.fetch.batch_bytes,
         batch_messages=cfg.fetch.batch_messages,
         spool_bytes=cfg.upload.spool_bytes,
+        reconnects=cfg.fetch.reconnects,
+        reconnect_backoff=cfg.fetch.reconnect_backoff,
     )
 
 

@@ -17,13 +17,15 @@ closed for the rest of the pass and its messages stay pending for the next.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from imapsync import routing
 from imapsync.config import Account
-from imapsync.errors import SourceError
+from imapsync.errors import SourceError, SourceErrorKind
 from imapsync.imap_source import FolderStatus, ImapSource, batches
 from imapsync.ledger import FolderRow, Known, Ledger, Sighting, State, now
 from imapsync.message import MessageInfo, fingerprint
@@ -69,6 +71,8 @@ class Settings:
     batch_bytes: int
     batch_messages: int
     spool_bytes: int = 4 * 1024 * 1024
+    reconnects: int = 3  # new connections after a drop or timeout, within one pass
+    reconnect_backoff: float = 1.0  # seconds before the first; doubles each time
 
 
 @dataclass
@@ -105,37 +109,70 @@ class _Copy:
 
 
 def sync_account(account: Account, connect: Callable[[], ImapSource], ledger: Ledger,
-                 pool: UploadPool, settings: Settings, kind: str = "sync") -> AccountResult:
-    """One pass over every included folder of `account`. Never raises SourceError."""
+                 pool: UploadPool, settings: Settings, kind: str = "sync",
+                 stop: threading.Event | None = None) -> AccountResult:
+    """One pass over every included folder of `account`. Never raises SourceError.
+
+    A dropped connection or a timeout is followed by a new connection (up to
+    `settings.reconnects` times, with backoff) and the pass goes on where it was: the
+    ledger's cursors make finished folders cost one STATUS. A folder the server refuses
+    (NO/BAD) is recorded with its error and the next folder goes on. `stop` set from
+    another thread ends the pass after the current batch, with its uploads recorded.
+    """
     counts = Counts()
     run_id = ledger.start_run(kind, account.name)
     account_id = ledger.account_id(account.name, account.host, account.username)
     error: SourceError | None = None
-    source: ImapSource | None = None
+    owner = routing.owner_vault(account.username, account.vault, settings.domains_aliases)
+    reconnects = 0
     try:
-        source = connect()
-        known = ledger.folders(account_id)
-        owner = routing.owner_vault(account.username, account.vault, settings.domains_aliases)
-        for folder in source.folders(account.folders):
-            row = known.get(folder.name) or ledger.folder(account_id, folder.name)
-            folder_pass = _FolderPass(source, row, ledger, pool, settings, owner, counts)
+        while True:
             try:
-                folder_pass.run()
+                _pass(connect, account, account_id, ledger, pool, settings, owner, counts, stop)
+                break
             except SourceError as e:
-                ledger.update_folder(row.id, last_error=str(e))
-                raise
-            finally:
-                folder_pass.settle()  # every upload started is recorded, whatever happened
+                if e.kind not in SourceErrorKind.RECONNECTABLE or reconnects >= settings.reconnects \
+                        or (stop is not None and stop.is_set()):
+                    raise
+                reconnects += 1
+                delay = settings.reconnect_backoff * 2 ** (reconnects - 1)
+                log.warning("Account %s: %s; reconnecting in %.1fs (%d/%d)", account.name, e, delay,
+                            reconnects, settings.reconnects)
+                if stop is not None:
+                    stop.wait(delay)
+                else:
+                    time.sleep(delay)
     except SourceError as e:
         error = e
         log.error("Account %s: %s", account.name, e)
     finally:
-        if source is not None:
-            source.close()
         ledger.set_account_result(account_id, str(error) if error else None)
-        outcome = "error" if error else ("partial" if counts.failed or counts.pending else "ok")
+        stopped = stop is not None and stop.is_set()
+        outcome = ("error" if error else "stopped" if stopped
+                   else "partial" if counts.failed or counts.pending else "ok")
         ledger.finish_run(run_id, outcome=outcome, counts=counts.as_dict(), error=str(error) if error else None)
     return AccountResult(account.name, counts, error)
+
+
+def _pass(connect: Callable[[], ImapSource], account: Account, account_id: int, ledger: Ledger,
+          pool: UploadPool, settings: Settings, owner: str | None, counts: Counts,
+          stop: threading.Event | None) -> None:
+    with connect() as source:
+        known = ledger.folders(account_id)
+        for folder in source.folders(account.folders):
+            if stop is not None and stop.is_set():
+                return
+            row = known.get(folder.name) or ledger.folder(account_id, folder.name)
+            folder_pass = _FolderPass(source, row, ledger, pool, settings, owner, counts, stop)
+            try:
+                folder_pass.run()
+            except SourceError as e:
+                ledger.update_folder(row.id, last_error=str(e))
+                if e.kind != SourceErrorKind.PROTOCOL:
+                    raise
+                log.error("Folder %s of %s: %s", folder.name, account.name, e)  # the others go on
+            finally:
+                folder_pass.settle()  # every upload started is recorded, whatever happened
 
 
 def _unchanged(row: FolderRow, status: FolderStatus) -> bool:
@@ -167,9 +204,9 @@ class _FolderPass:
     """One folder's pass: plan from headers, fetch what must go, upload, move the cursor."""
 
     def __init__(self, source: ImapSource, row: FolderRow, ledger: Ledger, pool: UploadPool,
-                 settings: Settings, owner: str | None, counts: Counts):
+                 settings: Settings, owner: str | None, counts: Counts, stop: threading.Event | None = None):
         self.source, self.row, self.ledger, self.pool = source, row, ledger, pool
-        self.settings, self.owner, self.counts = settings, owner, counts
+        self.settings, self.owner, self.counts, self.stop = settings, owner, counts, stop
         self.name = row.name
         self.uidvalidity = 0
         self.final: dict[int, bool] = {}
@@ -193,6 +230,10 @@ class _FolderPass:
         todo = [u for u in uids if not (u in done and done[u].final)]
         self.final = {u: True for u in uids if u not in todo}
         for i in range(0, len(todo), self.settings.batch_messages):
+            if self.stop is not None and self.stop.is_set():
+                self.settle()
+                self._advance(uids, last_uid, None)
+                return
             self._handle(self._plan(todo[i:i + self.settings.batch_messages]))
             self._record(self.pool.collect())
             self._advance(uids, last_uid, None)

@@ -262,3 +262,34 @@ def test_sync_with_a_postgresql_ledger(new_mailbox, receiver, env, postgres):
     assert env.sync()[1].startswith("1 account(s): 0 uploaded, 0 duplicate")
     assert env.status()["accounts"][0]["counts"]["uploaded"] == 2
     assert len(receiver.uploads()) == 2
+
+
+def test_a_connection_cut_mid_fetch_reconnects_and_finishes(new_mailbox, receiver, env, dovecot):
+    from imapsync.testing.fault_proxy import FaultProxy
+    alice = new_mailbox("alice")
+    raws = [message(to=alice.user, subject=f"m{i}", body="z" * 20_000) for i in range(10)]
+    for raw in raws:
+        alice.deliver(raw)
+    with FaultProxy(dovecot.host, dovecot.port, cut_after=60_000) as proxy:  # inside the body FETCH
+        env.write([env.account(alice, port=proxy.port)], endpoint=receiver.url,
+                  fetch={"reconnect_backoff": 0.05, "batch_bytes": 50_000})
+        code, out, err = env.sync()
+        assert proxy.faults == 1 and proxy.connections == 2
+    assert code == 0, out + err
+    assert "reconnecting" in err
+    stored = sorted((receiver.store / f"{u['uploadId']}.eml").read_bytes() for u in receiver.uploads())
+    assert stored == sorted(raws)
+
+
+def test_a_stalled_server_times_out_and_the_pass_reconnects(new_mailbox, receiver, env, dovecot):
+    from imapsync.testing.fault_proxy import FaultProxy
+    alice = new_mailbox("alice")
+    for i in range(3):
+        alice.deliver(message(to=alice.user, subject=f"m{i}", body="w" * 10_000))
+    with FaultProxy(dovecot.host, dovecot.port, stall_after=20_000) as proxy:
+        env.write([env.account(alice, port=proxy.port, timeout=1)], endpoint=receiver.url,
+                  fetch={"reconnect_backoff": 0.05})
+        code, out, err = env.sync()
+        assert proxy.faults == 1
+    assert code == 0, out + err
+    assert len(receiver.uploads()) == 3
