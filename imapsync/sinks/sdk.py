@@ -24,8 +24,9 @@ Two modes:
 Exit codes (or SystemExit codes, in-process) map to outcomes; see EXIT_CODES below.
 Codes 5 (S3 upload failed) and 1 (unknown exception) are transient and retried with
 exponential backoff and full jitter (tenacity): 5 up to ``max_attempts`` runs, 1 up to
-``unknown_error_attempts`` runs. ``attempts`` in the result is how many times the script
-ran. No output, log line or result detail ever holds the API key: it is replaced by ***.
+``unknown_error_attempts`` runs, all within ``upload.budget_seconds``; the backoff is the
+``upload:`` section's (backoff_factor, backoff_max). ``attempts`` in the result is how many
+times the script ran. No result detail ever holds the API key: it is replaced by ***.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
 
-from tenacity import RetryCallState, Retrying, retry_if_result, wait_random_exponential
+from tenacity import RetryCallState, Retrying, retry_if_result, stop_after_delay, wait_random_exponential
 
 from imapsync.config import LoadedConfig
 from imapsync.message import addresses_in, header_block, parse_headers
@@ -145,7 +146,7 @@ class SdkSink:
                  python: str | Path | None = None,
                  mode: Literal["subprocess", "inprocess"] = "subprocess",
                  timeout: float = 300.0, max_attempts: int = 5, unknown_error_attempts: int = 2,
-                 backoff_factor: float = 1.0, backoff_max: float = 60.0,
+                 backoff_factor: float = 1.0, backoff_max: float = 60.0, budget_seconds: float = 900.0,
                  pass_env: Iterable[str] = (), sleep: Callable[[float], None] | None = None):
         self.domain = domain
         self.endpoint = endpoint
@@ -158,6 +159,7 @@ class SdkSink:
         self.unknown_error_attempts = unknown_error_attempts
         self.backoff_factor = backoff_factor
         self.backoff_max = backoff_max
+        self.budget_seconds = budget_seconds
         self.pass_env = tuple(pass_env)
         self._sleep = sleep
         self._module: ModuleType | None = None
@@ -194,7 +196,7 @@ class SdkSink:
         kwargs: dict[str, Any] = {"sleep": self._sleep} if self._sleep else {}
         retrying = Retrying(
             retry=retry_if_result(lambda r: r.code in (EXIT_S3_FAILED, EXIT_UNKNOWN)),
-            stop=out_of_budget,
+            stop=stop_after_delay(self.budget_seconds) | out_of_budget,
             wait=wait_random_exponential(multiplier=self.backoff_factor, max=self.backoff_max),
             retry_error_callback=lambda state: state.outcome.result(),  # the last run, not an error
             **kwargs)
@@ -324,7 +326,8 @@ def make_sdk_sinks(loaded: LoadedConfig) -> dict[str, Sink]:
             t.domain, t.endpoint or "", key.get_secret_value() if key else "",
             loaded.resolve_path(sdk.script) or sdk.script, python=python, mode=sdk.mode, timeout=sdk.timeout,
             max_attempts=sdk.max_attempts, unknown_error_attempts=sdk.unknown_error_attempts,
-            backoff_factor=up.backoff_factor, backoff_max=up.backoff_max, pass_env=sdk.pass_env)
+            backoff_factor=up.backoff_factor, backoff_max=up.backoff_max, budget_seconds=up.budget_seconds,
+            pass_env=sdk.pass_env)
     return sinks
 
 
