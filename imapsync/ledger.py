@@ -13,7 +13,7 @@ its UIDVALIDITY (rule 4); coverage per vault decides duplicates (rule 5).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -61,6 +61,17 @@ class Known:
     id: int
     state: State
     vaults: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Acknowledged:
+    """An upload the sink acknowledged, to be recorded."""
+
+    message_ref: int
+    tenant: str
+    vaults: tuple[str, ...]
+    upload_id: str | None
+    attempts: int
 
 
 @dataclass
@@ -221,37 +232,89 @@ class Ledger:
             key=key, message_id=message_id, fingerprint=fingerprint, size=size, date=date,
             state=state.value, reason=reason, attempts=0, first_seen_at=now())).inserted_primary_key[0]
 
+    def pending_messages(self, c: Connection, items: list[dict]) -> dict[str, int]:
+        """Make these messages pending (rule 2), inserting the new ones; key -> row id.
+
+        `items` are dicts with key, message_id, fingerprint, size and date.
+        """
+        m = self.t["messages"]
+        keys = list(dict.fromkeys(i["key"] for i in items))
+        ids = self._ids(c, keys)
+        if ids:
+            c.execute(m.update().where(m.c.id.in_(list(ids.values()))).values(state=State.PENDING.value))
+        ts = now()
+        new, seen = [], set(ids)
+        for i in items:
+            if i["key"] not in seen:
+                seen.add(i["key"])
+                new.append(dict(i, state=State.PENDING.value, attempts=0, first_seen_at=ts))
+        if new:
+            c.execute(m.insert(), new)
+            ids.update(self._ids(c, [n["key"] for n in new]))
+        return ids
+
+    def _ids(self, c: Connection, keys: list[str]) -> dict[str, int]:
+        m = self.t["messages"]
+        out: dict[str, int] = {}
+        for i in range(0, len(keys), 500):
+            out.update({r.key: r.id for r in c.execute(sa.select(m.c.key, m.c.id).where(m.c.key.in_(keys[i:i + 500])))})
+        return out
+
     def record_sightings(self, c: Connection, folder_id: int, uidvalidity: int,
                          sightings: Iterable[Sighting]) -> None:
-        """Insert or update the copies at these UIDs."""
+        """Insert or update the copies at these UIDs: one statement for all new rows."""
         s = self.t["sightings"]
         sightings = list(sightings)
         if not sightings:
             return
-        existing = {r.uid: r.id for r in c.execute(sa.select(s.c.uid, s.c.id).where(
-            s.c.folder_id == folder_id, s.c.uidvalidity == uidvalidity,
-            s.c.uid.in_([x.uid for x in sightings])))}
+        existing: dict[int, int] = {}
+        uids = [x.uid for x in sightings]
+        for i in range(0, len(uids), 500):
+            existing.update({r.uid: r.id for r in c.execute(sa.select(s.c.uid, s.c.id).where(
+                s.c.folder_id == folder_id, s.c.uidvalidity == uidvalidity, s.c.uid.in_(uids[i:i + 500])))})
         ts = now()
-        for x in sightings:
-            values = dict(message_ref=x.message_ref, message_id=x.message_id, size=x.size,
-                          state=x.state.value, reason=x.reason, seen_at=ts)
-            if x.uid in existing:
-                c.execute(s.update().where(s.c.id == existing[x.uid]).values(**values))
-            else:
-                c.execute(s.insert().values(folder_id=folder_id, uidvalidity=uidvalidity, uid=x.uid, **values))
+        rows = [dict(folder_id=folder_id, uidvalidity=uidvalidity, uid=x.uid, message_ref=x.message_ref,
+                     message_id=x.message_id, size=x.size, state=x.state.value, reason=x.reason, seen_at=ts)
+                for x in sightings]
+        new = [r for r in rows if r["uid"] not in existing]
+        if new:
+            c.execute(s.insert(), new)
+        changed = [dict(r, b_id=existing[r["uid"]]) for r in rows if r["uid"] in existing]
+        if changed:
+            c.execute(s.update().where(s.c.id == sa.bindparam("b_id")).values(
+                message_ref=sa.bindparam("message_ref"), message_id=sa.bindparam("message_id"),
+                size=sa.bindparam("size"), state=sa.bindparam("state"), reason=sa.bindparam("reason"),
+                seen_at=sa.bindparam("seen_at")), changed)
 
     def record_upload(self, c: Connection, message_ref: int, *, tenant: str, vaults: Iterable[str],
                       upload_id: str | None, attempts: int) -> None:
         """The sink acknowledged: the vaults are covered and the message is uploaded."""
+        self.record_uploads(c, [Acknowledged(message_ref, tenant, tuple(vaults), upload_id, attempts)])
+
+    def record_uploads(self, c: Connection, acks: list["Acknowledged"]) -> None:
+        """Several acknowledgements in a few statements (deliveries, then message states)."""
+        if not acks:
+            return
         m, d = self.t["messages"], self.t["deliveries"]
         ts = now()
-        have = {r.vault for r in c.execute(sa.select(d.c.vault).where(d.c.message_ref == message_ref))}
-        for vault in sorted(set(vaults) - have):
-            c.execute(d.insert().values(message_ref=message_ref, vault=vault, tenant=tenant,
-                                        upload_id=upload_id, delivered_at=ts))
-        c.execute(m.update().where(m.c.id == message_ref).values(
+        refs = sorted({a.message_ref for a in acks})
+        have: set[tuple[int, str]] = set()
+        for i in range(0, len(refs), 500):
+            have.update((r.message_ref, r.vault) for r in c.execute(
+                sa.select(d.c.message_ref, d.c.vault).where(d.c.message_ref.in_(refs[i:i + 500]))))
+        rows = []
+        for a in acks:
+            for vault in sorted(set(a.vaults)):
+                if (a.message_ref, vault) not in have:
+                    have.add((a.message_ref, vault))
+                    rows.append(dict(message_ref=a.message_ref, vault=vault, tenant=a.tenant,
+                                     upload_id=a.upload_id, delivered_at=ts))
+        if rows:
+            c.execute(d.insert(), rows)
+        c.execute(m.update().where(m.c.id == sa.bindparam("b_id")).values(
             state=State.UPLOADED.value, reason=None, last_error=None, uploaded_at=ts,
-            upload_id=upload_id, attempts=m.c.attempts + attempts))
+            upload_id=sa.bindparam("b_upload_id"), attempts=m.c.attempts + sa.bindparam("b_attempts")),
+            [dict(b_id=a.message_ref, b_upload_id=a.upload_id, b_attempts=a.attempts) for a in acks])
 
     def record_failure(self, c: Connection, message_ref: int, *, state: State, reason: str,
                        error: str | None, attempts: int) -> None:
@@ -363,6 +426,53 @@ class Ledger:
         with self.tx() as c:
             return [dict(row) for row in c.execute(q).mappings()]
 
+
+    # ----- account backoff and health (the daemon) -------------------------------------
+
+    def back_off(self, account: str, delay_for: Callable[[int], float]) -> tuple[int, datetime]:
+        """Count one more failure of `account` and set when it may be tried again.
+
+        `delay_for(failures)` gives the seconds to wait after that many failures in a
+        row. Returns (failures, backoff_until) as stored (naive UTC).
+        """
+        from datetime import timedelta
+
+        a = self.t["accounts"]
+        with self.tx() as c:
+            row = c.execute(sa.select(a.c.failures).where(a.c.name == account)).first()
+            failures = (row.failures if row else 0) + 1
+            until = now() + timedelta(seconds=delay_for(failures))
+            c.execute(a.update().where(a.c.name == account).values(failures=failures, backoff_until=until))
+        return failures, until
+
+    def clear_backoff(self, account: str) -> None:
+        """The account worked: no failures in a row, no waiting."""
+        a = self.t["accounts"]
+        with self.tx() as c:
+            c.execute(a.update().where(a.c.name == account, sa.or_(a.c.failures != 0, a.c.backoff_until.is_not(None)))
+                      .values(failures=0, backoff_until=None))
+
+    def backoffs(self) -> dict[str, tuple[int, datetime | None]]:
+        """Per account name: (failures in a row, backing off until), for accounts that failed."""
+        a = self.t["accounts"]
+        with self.tx() as c:
+            rows = c.execute(sa.select(a.c.name, a.c.failures, a.c.backoff_until).where(a.c.failures > 0)).all()
+        return {r.name: (r.failures, r.backoff_until) for r in rows}
+
+    def check_writable(self) -> None:
+        """Write a row and roll it back: raises LedgerError when the ledger cannot be written."""
+        le = self.t["leases"]
+        ts = now()
+        try:
+            with self.engine.connect() as c:
+                tx = c.begin()
+                try:
+                    c.execute(le.insert().values(account=f"~healthz-{os.getpid()}-{id(ts)}", owner="healthz",
+                                                 purpose="healthz", acquired_at=ts, expires_at=ts))
+                finally:
+                    tx.rollback()
+        except SQLAlchemyError as e:
+            raise LedgerError(_short(e), self.url) from None
 
 def _iso(ts: datetime | None) -> str | None:
     return ts.replace(tzinfo=timezone.utc).isoformat(timespec="seconds") if ts else None

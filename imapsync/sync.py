@@ -27,7 +27,7 @@ from imapsync import routing
 from imapsync.config import Account
 from imapsync.errors import SourceError, SourceErrorKind
 from imapsync.imap_source import FolderStatus, ImapSource, batches
-from imapsync.ledger import FolderRow, Known, Ledger, Sighting, State, now
+from imapsync.ledger import Acknowledged, FolderRow, Known, Ledger, Sighting, State, now
 from imapsync.message import MessageInfo, fingerprint
 from imapsync.sinks.base import Outcome, Payload, UploadRequest, UploadResult
 from imapsync.upload_pool import Done, Job, TenantGate, UploadPool
@@ -36,6 +36,8 @@ log = logging.getLogger("imapsync.sync")
 
 #: Copy state when several tenants disagree: the least settled wins.
 _PRECEDENCE = [State.PENDING, State.FAILED, State.SKIPPED, State.UPLOADED, State.DUPLICATE]
+#: Upload results written to the ledger in one transaction (design: batched commits).
+RECORD_BATCH = 200
 #: Permanent answers that mean "not archivable", as opposed to "failed".
 _SKIP_REASONS = {"no_primary_recipient", "too_large"}
 
@@ -211,6 +213,7 @@ class _FolderPass:
         self.uidvalidity = 0
         self.final: dict[int, bool] = {}
         self.in_flight: Counter[str] = Counter()  # message key -> uploads running
+        self.results: list[Done] = []  # answered uploads not yet written to the ledger
 
     def run(self) -> None:
         status = self.source.status(self.name)
@@ -236,6 +239,7 @@ class _FolderPass:
                 return
             self._handle(self._plan(todo[i:i + self.settings.batch_messages]))
             self._record(self.pool.collect())
+            self._flush()
             self._advance(uids, last_uid, None)
         self.settle()
         self._advance(uids, last_uid, status.uidnext)
@@ -318,21 +322,24 @@ class _FolderPass:
         self._settle_keys({p.key for p, _ in items if p.key})
         known = self.ledger.lookup(p.key for p, _ in items if p.key)
         uploads: list[tuple[_Planned, bytes, list[routing.Route]]] = []
-        with self.ledger.tx() as c:
-            sightings = []
-            for p, raw in items:
-                todo = _missing(p.routes, known.get(p.key))
-                if not todo:
-                    p.ref = known[p.key].id
-                    sightings.append(Sighting(p.uid, p.info.size, State.DUPLICATE, p.ref, p.info.message_id))
-                    self.counts.add(State.DUPLICATE)
-                    self.final[p.uid] = True
-                    continue
-                p.ref = self.ledger.ensure_message(
-                    c, p.key, message_id=p.info.message_id, fingerprint=p.key if p.key.startswith("f:") else None,
-                    size=len(raw), date=p.info.date, state=State.PENDING)
-                sightings.append(Sighting(p.uid, p.info.size, State.PENDING, p.ref, p.info.message_id))
+        sightings = []
+        for p, raw in items:
+            todo = _missing(p.routes, known.get(p.key))
+            if todo:
                 uploads.append((p, raw, todo))
+                continue
+            p.ref = known[p.key].id
+            sightings.append(Sighting(p.uid, p.info.size, State.DUPLICATE, p.ref, p.info.message_id))
+            self.counts.add(State.DUPLICATE)
+            self.final[p.uid] = True
+        with self.ledger.tx() as c:
+            ids = self.ledger.pending_messages(c, [
+                dict(key=p.key, message_id=p.info.message_id, size=len(raw), date=p.info.date,
+                     fingerprint=p.key if p.key.startswith("f:") else None)  # type: ignore[union-attr]
+                for p, raw, _ in uploads])
+            for p, _raw, _todo in uploads:
+                p.ref = ids[p.key]  # type: ignore[index]
+                sightings.append(Sighting(p.uid, p.info.size, State.PENDING, p.ref, p.info.message_id))
             self.ledger.record_sightings(c, self.row.id, self.uidvalidity, sightings)
         for p, raw, todo in uploads:
             payload = Payload(raw) if len(raw) <= self.settings.spool_bytes else Payload.spooled(raw)
@@ -349,24 +356,38 @@ class _FolderPass:
         """Wait for every upload of this folder and record it."""
         while self.in_flight:
             self._record(self.pool.collect(block=True))
+        self._flush()
 
     def _settle_keys(self, keys: Iterable[str]) -> None:
         keys = set(keys)
         while keys & set(+self.in_flight):
             self._record(self.pool.collect(block=True))
+        self._flush()
 
     def _record(self, dones: list[Done]) -> None:
-        """Write a batch of upload results in one transaction."""
+        """Take upload results; they are written in batches (one transaction each)."""
+        for d in dones:
+            self.in_flight[d.job.request.key] -= 1
+            if self.in_flight[d.job.request.key] <= 0:
+                del self.in_flight[d.job.request.key]
+        self.results.extend(dones)
+        if len(self.results) >= RECORD_BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Write the buffered results: acknowledgements in bulk, then settled copies."""
+        dones, self.results = self.results, []
         if not dones:
             return
+        acks: list[Acknowledged] = []
+        settled: list[_Copy] = []
         with self.ledger.tx() as c:
             for d in dones:
                 copy: _Copy = d.job.owner
                 req, result = d.job.request, d.result
                 state = _state_of(result)
                 if state is State.UPLOADED:
-                    self.ledger.record_upload(c, copy.ref, tenant=req.tenant, vaults=req.vaults,
-                                              upload_id=result.upload_id, attempts=result.attempts)
+                    acks.append(Acknowledged(copy.ref, req.tenant, req.vaults, result.upload_id, result.attempts))
                 else:
                     self.ledger.record_failure(c, copy.ref, state=state, reason=result.reason or "error",
                                                error=result.detail, attempts=result.attempts)
@@ -376,24 +397,24 @@ class _FolderPass:
                                     self.name, result.reason, req.tenant, result.detail)
                 copy.states.append(state)
                 copy.waiting -= 1
-                self.in_flight[req.key] -= 1
-                if self.in_flight[req.key] <= 0:
-                    del self.in_flight[req.key]
                 if copy.waiting == 0:
-                    self._settle_copy(c, copy)
+                    settled.append(copy)
+            self.ledger.record_uploads(c, acks)
+            self.ledger.record_sightings(c, self.row.id, self.uidvalidity,
+                                         [self._settle_copy(c, copy) for copy in settled])
 
-    def _settle_copy(self, c, copy: _Copy) -> None:
+    def _settle_copy(self, c, copy: _Copy) -> Sighting:
+        """Every route of this copy has answered: its final (or pending) state."""
         state = min(copy.states, key=_PRECEDENCE.index)
         p = copy.p
         if state is State.PENDING:
             self.ledger.record_failure(c, copy.ref, state=State.PENDING, reason=copy.reason or "tenant_unavailable",
                                        error=copy.detail, attempts=0)
-        self.ledger.record_sightings(c, self.row.id, self.uidvalidity, [
-            Sighting(p.uid, p.info.size, state, copy.ref, p.info.message_id,
-                     None if state is State.UPLOADED else copy.reason)])
         self.counts.add(state, copy.payload.size)
         self.final[p.uid] = state.final
         copy.payload.discard()
+        return Sighting(p.uid, p.info.size, state, copy.ref, p.info.message_id,
+                        None if state is State.UPLOADED else copy.reason)
 
     # ----- cursor -------------------------------------------------------------------------
 
