@@ -8,14 +8,17 @@ as pydantic SecretStr so that no repr, log line or traceback shows them.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import re
 import shlex
 import shutil
+import stat
 import subprocess
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -30,6 +33,8 @@ from pydantic import (
 )
 
 from imapsync.errors import ConfigError, ConfigProblem
+
+log = logging.getLogger("imapsync.config")
 
 DEFAULT_CONFIG_NAME = "config.yaml"
 DEFAULT_LEDGER_NAME = "imapsync.sqlite3"
@@ -63,6 +68,50 @@ def _parse_size(value: Any) -> Any:
 
 
 ByteSize = Annotated[int, BeforeValidator(_parse_size), Field(gt=0)]
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$", re.IGNORECASE)
+_DURATION_UNITS = {"ms": 0.001, "": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _parse_duration(value: Any) -> Any:
+    """Accept 30, 1.5, '500ms', '30s', '5m', '1h', '1d' for durations (in seconds)."""
+    if isinstance(value, str):
+        m = _DURATION_RE.match(value)
+        if not m:
+            raise ValueError(f"not a duration: {value!r} (use e.g. 30, '30s', '5m' or '1h')")
+        return float(m.group(1)) * _DURATION_UNITS[(m.group(2) or "").lower()]
+    return value
+
+
+#: Seconds; written as a number or with a unit ("500ms", "30s", "5m", "1h", "1d").
+Duration = Annotated[float, BeforeValidator(_parse_duration), Field(ge=0)]
+PositiveDuration = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0)]
+#: RFC 2177: a server may end an IDLE after 30 minutes; re-IDLE before 29.
+MAX_IDLE_RENEW = 29 * 60
+
+
+def _check_cron(expr: str | None) -> str | None:
+    if expr is None:
+        return None
+    from apscheduler.triggers.cron import CronTrigger
+
+    try:
+        CronTrigger.from_crontab(expr, timezone="UTC")
+    except ValueError as e:
+        raise ValueError(f"not a crontab expression (minute hour day month weekday): {e}") from None
+    return expr
+
+
+def _idle_folders(value: Any) -> Any:
+    """`idle: true` watches INBOX; a list names the folders; false/[] turns IDLE off."""
+    if value is True:
+        return ["INBOX"]
+    if value is False:
+        return []
+    return value
+
+
+IdleFolders = Annotated[list[str], BeforeValidator(_idle_folders)]
 
 
 class Strict(BaseModel):
@@ -112,6 +161,25 @@ class FolderFilter(Strict):
     exclude_special_use: list[str] = list(DEFAULT_EXCLUDED_SPECIAL_USE)
 
 
+class AccountSchedule(Strict):
+    """When one account is archived by `imapsync run`; unset keys come from `schedule:`."""
+
+    every: PositiveDuration | None = None  # a poll interval, e.g. "5m"
+    cron: str | None = None  # or a crontab expression, e.g. "*/10 8-18 * * 1-5"
+    idle: IdleFolders | None = None  # IMAP IDLE on these folders (true = INBOX)
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, v: str | None) -> str | None:
+        return _check_cron(v)
+
+    @model_validator(mode="after")
+    def _one_trigger(self) -> "AccountSchedule":
+        if self.every is not None and self.cron is not None:
+            raise ValueError("give every or cron, not both")
+        return self
+
+
 class Account(Strict):
     name: str = Field(min_length=1)
     host: str = Field(min_length=1)
@@ -125,6 +193,7 @@ class Account(Strict):
     vault: str | None = None
     folders: FolderFilter = FolderFilter()
     timeout: float = Field(default=60.0, gt=0)
+    schedule: AccountSchedule = AccountSchedule()  # `imapsync run` only
 
     @property
     def effective_port(self) -> int:
@@ -189,8 +258,60 @@ class Sdk(Strict):
 class Fetch(Strict):
     batch_bytes: ByteSize = 16 * 1024 * 1024
     batch_messages: int = Field(default=500, ge=1)
+    parallel_accounts: int = Field(default=8, ge=1, le=256)  # accounts synced side by side in a pass
     reconnects: int = Field(default=3, ge=0, le=100)  # within one pass, after a drop or timeout
     reconnect_backoff: float = Field(default=1.0, ge=0)  # seconds before the first; doubles
+
+
+class Schedule(AccountSchedule):
+    """How `imapsync run` schedules accounts: the defaults, the caps and the backoff."""
+
+    jitter: Duration = 30.0  # each run starts up to this much later, so accounts spread out
+    misfire_grace: Duration = 300.0  # a run later than this (e.g. after a suspend) is skipped
+    timezone: str | None = None  # for cron expressions; default: the machine's zone
+    max_connections: int = Field(default=20, ge=1, le=10_000)  # IMAP syncs at once, in all
+    max_connections_per_host: int = Field(default=10, ge=1, le=10_000)  # ... and per server
+    backoff_initial: Duration = 60.0  # an account that failed waits this long, doubling
+    backoff_max: Duration = 3600.0  # ... up to this
+    throttle_backoff: Duration = 300.0  # when a server says it is throttling without a time
+    idle_renew: PositiveDuration = 25 * 60.0  # re-IDLE this often (before the server's 29 min)
+    stop_timeout: Duration = 60.0  # a warm stop waits this long for running accounts
+    lease_seconds: PositiveDuration = 60.0  # an account's lease; renewed while it is synced
+
+    @field_validator("idle_renew")
+    @classmethod
+    def _renew(cls, v: float) -> float:
+        if v > MAX_IDLE_RENEW:
+            raise ValueError("must be at most 29m: servers may end an IDLE after 30 minutes")
+        return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone: {v!r}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _backoff(self) -> "Schedule":
+        if self.backoff_max < self.backoff_initial:
+            raise ValueError("backoff_max must be at least backoff_initial")
+        return self
+
+
+class Backfill(Strict):
+    """How `imapsync backfill` walks history and reports its progress."""
+
+    window_days: int = Field(default=30, ge=1, le=3650)  # one UID SEARCH SINCE/BEFORE per window
+    parallel_accounts: int = Field(default=4, ge=1, le=256)  # accounts backfilled at once
+    progress_interval: float = Field(default=10.0, gt=0)  # seconds between progress log lines (not on a terminal)
+    lease_wait: float = Field(default=300.0, ge=0)  # seconds to wait for an account another worker holds
 
 
 class Config(Strict):
@@ -204,6 +325,8 @@ class Config(Strict):
     accounts: list[Account] = []
     upload: Upload = Upload()
     fetch: Fetch = Fetch()
+    schedule: Schedule = Schedule()  # `imapsync run`
+    backfill: Backfill = Backfill()  # `imapsync backfill`
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":
@@ -458,4 +581,31 @@ def load(path: Path, *, resolve_secrets: bool = True) -> LoadedConfig:
     loaded = parse(data if data is not None else {}, str(path), path.parent.resolve(),
                    resolve_secrets=resolve_secrets)
     loaded.path = path
+    _warn_if_exposed(path, loaded.config)
     return loaded
+
+
+def inline_secrets(config: Config) -> list[str]:
+    """Key paths of the secrets written in the file itself (not {env}, {file} or {command})."""
+    out = [f"accounts[{i}].password" for i, a in enumerate(config.accounts) if isinstance(a.password, InlineSecret)]
+    out += [f"tenants[{i}].api_key" for i, t in enumerate(config.tenants) if isinstance(t.api_key, InlineSecret)]
+    if config.ledger and "://" in config.ledger:
+        try:
+            if urlsplit(config.ledger).password:
+                out.append("ledger (a password in the URL)")
+        except ValueError:
+            pass
+    return out
+
+
+def _warn_if_exposed(path: Path, config: Config) -> None:
+    """One warning when every user of the machine may read a secret written in the file."""
+    try:
+        readable = bool(path.stat().st_mode & stat.S_IROTH)
+    except OSError:
+        return
+    inline = inline_secrets(config)
+    if readable and inline:
+        log.warning("%s: readable by every user of this machine and holds %s inline (%s); "
+                    "chmod 600 %s, or give secrets as {env: NAME} or {file: PATH}",
+                    path, "a secret" if len(inline) == 1 else "secrets", ", ".join(inline), path)

@@ -8,6 +8,7 @@ sync loop and `status` understand; no message text here ever holds the password.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 import socket
 import time
@@ -48,12 +49,18 @@ class HeaderFetch:
     header: bytes
 
 
-def _ssl_context(account: Account, ca_file: Path | None) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
-    if not account.verify_certificate:
+@functools.lru_cache(maxsize=32)
+def _ssl_context_for(verify: bool, ca_file: str | None) -> ssl.SSLContext:
+    """One context per trust setting: loading the system CA store costs ~50 ms each time."""
+    ctx = ssl.create_default_context(cafile=ca_file)
+    if not verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     return ctx
+
+
+def _ssl_context(account: Account, ca_file: Path | None) -> ssl.SSLContext:
+    return _ssl_context_for(account.verify_certificate, str(ca_file) if ca_file else None)
 
 
 #: Answers by which a server asks a client to come back later: RFC 5530's [UNAVAILABLE],
@@ -124,7 +131,7 @@ class ImapSource:
         a = self.account
         where = f"connecting to {a.host}:{a.effective_port}"
         try:
-            ctx = _ssl_context(a, ca_file)
+            ctx = _ssl_context(a, ca_file) if a.tls != TlsMode.PLAIN else None
             client = IMAPClient(a.host, port=a.effective_port, ssl=a.tls == TlsMode.IMPLICIT,
                                 ssl_context=ctx if a.tls == TlsMode.IMPLICIT else None,
                                 timeout=a.timeout)
@@ -352,28 +359,26 @@ class ImapSource:
         """
         started = time.monotonic()
         responses = self._call("waiting in IDLE", self.client.idle_check, timeout, folder=folder)
-        new_mail = False
-        for r in responses:
-            if r and r[0] == b"BYE":
-                text = b" ".join(x for x in r[1:] if isinstance(x, bytes)).decode("utf-8", "replace")
-                raise throttling(text) or SourceError(SourceErrorKind.UNREACHABLE,
-                                                      f"the server ended the connection: {text[:200]}", folder)
-            if len(r) >= 2 and r[1] in (b"EXISTS", b"RECENT"):
-                new_mail = True
+        new_mail = _announces_mail(responses, folder)
         if not responses and time.monotonic() - started < timeout * 0.9:
-            self.idle_renew(folder)  # woken with nothing to read: a closed connection fails here
+            new_mail = self.idle_renew(folder)  # woken with nothing to read: a closed connection fails here
         return new_mail
 
-    def idle_renew(self, folder: str | None = None) -> None:
-        """End IDLE and start it again (before the server's 29-minute limit, or to probe)."""
-        self.idle_end(folder)
+    def idle_renew(self, folder: str | None = None) -> bool:
+        """End IDLE and start it again (before the server's 29-minute limit, or to probe).
+        True when the server announced new mail meanwhile (it may do so in DONE's answer)."""
+        new_mail = self.idle_end(folder)
         self._call("restarting IDLE", self.client.idle, folder=folder)
         self._idling = True
+        return new_mail
 
-    def idle_end(self, folder: str | None = None) -> None:
-        if self._idling:
-            self._idling = False
-            self._call("ending IDLE", self.client.idle_done, folder=folder)
+    def idle_end(self, folder: str | None = None) -> bool:
+        """Leave IDLE; True when the server announced new mail in its answer."""
+        if not self._idling:
+            return False
+        self._idling = False
+        _text, responses = self._call("ending IDLE", self.client.idle_done, folder=folder)
+        return _announces_mail(responses, folder)
 
 
 #: `* 12 FETCH (UID 34 BODY[] {5678}` - the items before the literal, and its size.
@@ -400,6 +405,19 @@ def _seqset(uids: list[int]) -> str:
 def matches_any(name: str, patterns: Iterable[str]) -> bool:
     """True when a folder name matches one of the globs (INBOX in any case, as in the config)."""
     return any(_match(name, p) for p in patterns)
+
+
+def _announces_mail(responses: list, folder: str | None) -> bool:
+    """True for an EXISTS/RECENT among IDLE responses; a BYE raises SourceError."""
+    new_mail = False
+    for r in responses:
+        if r and r[0] == b"BYE":
+            text = b" ".join(x for x in r[1:] if isinstance(x, bytes)).decode("utf-8", "replace")
+            raise throttling(text) or SourceError(SourceErrorKind.UNREACHABLE,
+                                                  f"the server ended the connection: {text[:200]}", folder)
+        if len(r) >= 2 and r[1] in (b"EXISTS", b"RECENT"):
+            new_mail = True
+    return new_mail
 
 
 def _match(name: str, pattern: str) -> bool:

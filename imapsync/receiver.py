@@ -21,6 +21,12 @@ Step 2 needs no key (the token is the credential); checks: scripted answer, toke
 (403 ``expired``), Content-Type message/rfc822 (400 ``bad_request``), size and sha256
 (400 ``digest_mismatch``). A repeated PUT on a completed token answers 200 again.
 
+Scripted answers (``script``, ``script_put``), one per request in arrival order: an HTTP
+status, or ``drop`` (close without answering), ``lost`` (do the work, then close without
+answering), ``expire`` (step 1: grant a slot that has expired by its PUT),
+``invalid_recipient`` / ``bad_request`` (step 1), ``ok`` (answer normally, no random
+fault) and ``slow`` (answer normally after ``slow_ms``, so a client's timeout may fire).
+
 Standard library only. Run it with ``python -m imapsync.receiver --store DIR``.
 """
 from __future__ import annotations
@@ -61,8 +67,9 @@ _POST_BODIES: dict[int, dict[str, str]] = {
     422: {"error": "no_primary_recipient"}, 429: {"error": "throttled"},
     500: {"error": "internal_error"}}
 _PUT_BODIES: dict[int, dict[str, str]] = {403: {"error": "expired"}, 500: {"error": "internal_error"}}
-_POST_WORDS = frozenset({"drop", "lost", "invalid_recipient", "bad_request", "expire"})
-_PUT_WORDS = frozenset({"drop", "lost"})
+# "ok": answer normally (no random fault); "slow": answer normally after slow_ms.
+_POST_WORDS = frozenset({"drop", "lost", "invalid_recipient", "bad_request", "expire", "ok", "slow"})
+_PUT_WORDS = frozenset({"drop", "lost", "ok", "slow"})
 DROP = None  # a reply status of None means: close the connection without answering
 
 Reply = tuple[int | None, dict[str, Any], dict[str, str]]
@@ -133,7 +140,7 @@ class Receiver:
                  port: int = 0, latency_ms: int = 0, fail_rate: float = 0.0,
                  throttle_rate: float = 0.0, retry_after: int = 1, seed: int | None = None,
                  max_size: int = MAX_SIZE, expires_in: int = EXPIRES_IN,
-                 verbose: bool = False) -> None:
+                 verbose: bool = False, slow_ms: int = 2000) -> None:
         if not (0.0 <= fail_rate <= 1.0 and 0.0 <= throttle_rate <= 1.0
                 and fail_rate + throttle_rate <= 1.0):
             raise ValueError("fail_rate and throttle_rate must be in [0, 1] and sum to <= 1")
@@ -143,6 +150,7 @@ class Receiver:
         self.latency_ms, self.fail_rate, self.throttle_rate = latency_ms, fail_rate, throttle_rate
         self.retry_after, self.max_size, self.expires_in = retry_after, max_size, expires_in
         self.verbose = verbose
+        self.slow_ms = slow_ms
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._scripts: dict[str, deque[int | str]] = {"post": deque(), "put": deque()}
@@ -198,7 +206,7 @@ class Receiver:
         self._queue("post", answers, _POST_WORDS)
 
     def script_put(self, *answers: int | str) -> None:
-        """Queue answers for the next step-2 PUTs: an HTTP status, "drop" or "lost"."""
+        """Queue answers for the next step-2 PUTs: an HTTP status, "drop", "lost", "ok" or "slow"."""
         self._queue("put", answers, _PUT_WORDS)
 
     def _queue(self, step: str, answers: tuple[int | str, ...], words: frozenset[str]) -> None:
@@ -257,8 +265,10 @@ class Receiver:
             return queue.popleft() if queue else None
 
     def _delay(self) -> None:
+        # latency_ms is the time one upload takes (the real API: 2-15 s per mail), spent
+        # half on the slot request and half on the message PUT.
         if self.latency_ms:
-            time.sleep(self.latency_ms / 1000)
+            time.sleep(self.latency_ms / 2000)
 
     # -- step 1 ----------------------------------------------------------------------
     def _post(self, raw: bytes, key: str | None, base: str) -> Reply:
@@ -270,6 +280,8 @@ class Receiver:
             return DROP, {}, {}
         if scripted in ("invalid_recipient", "bad_request"):
             return 400, {"error": scripted, "detail": "scripted"}, {}
+        if scripted == "slow":
+            time.sleep(self.slow_ms / 1000)
         if scripted is None and (self.fail_rate or self.throttle_rate):
             with self._lock:
                 r = self._rng.random()
@@ -321,6 +333,8 @@ class Receiver:
                     got += len(chunk)
             if scripted == "drop":
                 return DROP, {}, {}
+            if scripted == "slow":
+                time.sleep(self.slow_ms / 1000)
             if isinstance(scripted, int):
                 if scripted == 403:
                     with self._lock:
@@ -511,7 +525,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=0, help="0 picks a free port (printed)")
     p.add_argument("--store", type=Path, required=True, help="directory for .eml + uploads.jsonl")
     p.add_argument("--api-key", help=f"required x-api-key (or set {API_KEY_ENV})")
-    p.add_argument("--latency-ms", type=int, default=0)
+    p.add_argument("--latency-ms", type=int, default=0,
+                   help="added time per upload, half on each of its two requests (default 0)")
     p.add_argument("--fail-rate", type=float, default=0.0, help="probability of 500 per step 1")
     p.add_argument("--throttle-rate", type=float, default=0.0, help="probability of 429 per step 1")
     p.add_argument("--retry-after", type=int, default=1)

@@ -6,11 +6,13 @@ never reads the config file, and the CLI only turns the outcome into words.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from imapsync.config import Account, LoadedConfig
 from imapsync.errors import ExitCode
 from imapsync.imap_source import ImapSource
+from imapsync.lease import AccountLease, worker_name
 from imapsync.ledger import Ledger
 from imapsync.sinks.base import Outcome, Sink
 from imapsync.sinks.directory import DirectorySink
@@ -67,6 +69,7 @@ class PassResult:
 
     accounts: list[AccountResult] = field(default_factory=list)
     gate: TenantGate = field(default_factory=TenantGate)
+    busy: dict[str, str] = field(default_factory=dict)  # account -> the worker holding its lease
 
     @property
     def totals(self) -> Counts:
@@ -95,23 +98,43 @@ class PassResult:
             line += f"; account error: {', '.join(failed_accounts)}"
         for tenant, r in sorted(self.gate.closed.items()):
             line += f"; tenant {tenant}: {r.detail}"
+        for name, holder in sorted(self.busy.items()):
+            line += f"; {name} skipped: being synced by {holder}"
         return line
 
 
 def run_pass(loaded: LoadedConfig, ledger: Ledger, account_names: list[str] | None = None,
              kind: str = "sync") -> PassResult:
-    """One pass over the selected accounts (all by default), one after the other."""
+    """One pass over the selected accounts (all by default), several accounts at a time.
+
+    Each account is synced under its ledger lease; an account another worker (e.g.
+    `imapsync run`) is syncing is left to it and listed in `busy`.
+    """
     accounts = [a for a in loaded.config.accounts if not account_names or a.name in account_names]
     sinks = make_sinks(loaded)
     settings = settings_of(loaded)
     result = PassResult()
-    pool = UploadPool(sinks, result.gate, loaded.config.upload.concurrency)
+    owner = worker_name(kind)
+
+    def one(account: Account) -> AccountResult | None:
+        with AccountLease(ledger, account.name, owner, kind) as lease:
+            if not lease.held:
+                result.busy[account.name] = lease.holder()
+                log.warning("Account %s: skipped, being synced by %s", account.name, result.busy[account.name])
+                return None
+            pool = UploadPool(sinks, result.gate, loaded.config.upload.concurrency)  # one owner thread each
+            try:
+                return sync_account(account, connector(loaded, account), ledger, pool, settings, kind=kind)
+            finally:
+                pool.close()
+
+    # Accounts run side by side: a pass over many accounts waits on round trips, not CPU.
+    # Uploads stay bounded per tenant by the sink's connection pool.
     try:
-        for account in accounts:
-            result.accounts.append(sync_account(account, connector(loaded, account), ledger, pool,
-                                                settings, kind=kind))
+        workers = max(1, min(loaded.config.fetch.parallel_accounts, len(accounts)))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="account") as executor:
+            result.accounts.extend(r for r in executor.map(one, accounts) if r is not None)
     finally:
-        pool.close()
         for sink in {id(s): s for s in sinks.values()}.values():  # a shared sink closes once
             sink.close()
     return result

@@ -1,0 +1,302 @@
+"""The benchmark: imapsync against the tools an administrator would otherwise use.
+
+One command (`make bench`, or `.venv/bin/python bench/run.py`) starts Dovecot on
+loopback, seeds the corpus (bench/corpus.py) straight into Maildir, starts the local
+receiver, and runs each contender as a whole process, timed, with its peak RSS, the
+median of --runs runs:
+
+  imapsync -> receiver (0 ms)     imapsync sync into the local receiver, no latency
+  imapsync -> directory           imapsync sync into the directory sink
+  imapsync -> receiver (200 ms)   the same with 200 ms per request (concurrency matters)
+  mbsync (isync)                  IMAP -> Maildir
+  getmail6                        IMAP -> Maildir
+  imapclient loop                 one connection, BODY.PEEK[] in batches of 200 (the Python floor)
+  no-change poll                  imapsync sync over --poll-accounts accounts x 10 folders, nothing new
+
+Every imapsync run starts from an empty ledger and an empty sink, so each one is a
+full backfill of the corpus through the same code path as continuous sync. It prints
+one table and the ratios, and writes them with the machine's details to bench/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from corpus import FOLDERS, seed  # noqa: E402
+
+from imapsync.receiver import Receiver  # noqa: E402
+from imapsync.testing.dovecot import Dovecot  # noqa: E402
+
+USER, PASSWORD, DOMAIN = "bench@acme.com", "bench-password", "acme.com"
+
+
+@dataclass
+class Row:
+    tool: str
+    seconds: float
+    msgs_per_s: float
+    mb_per_s: float
+    rss_mb: float
+    runs: int
+    note: str = ""
+
+
+def timed(cmd: list[str], env: dict | None = None, cwd: str | None = None) -> tuple[float, float, int]:
+    """Run a whole process; (wall seconds, peak RSS in MB, exit code)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            env=env, cwd=cwd)
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - t0
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        print(f"  ! {cmd[0]} exited {code}: {err.strip()[-500:]}", file=sys.stderr)
+    return elapsed, usage.ru_maxrss / 1024, code
+
+
+def median_run(name: str, runs: int, prepare, cmd_for, copies: int, nbytes: int, note: str = "") -> Row:
+    times, rss = [], []
+    for i in range(runs):
+        cmd, env = cmd_for(prepare(i))
+        t, r, code = timed(cmd, env)
+        if code not in (0,):
+            note = (note + f" exit {code}").strip()
+        times.append(t)
+        rss.append(r)
+        print(f"  {name} run {i + 1}: {t:.2f}s, {copies / t:.0f} msgs/s, RSS {r:.0f} MB", flush=True)
+    t = statistics.median(times)
+    return Row(name, round(t, 2), round(copies / t, 1), round(nbytes / 1e6 / t, 1), round(max(rss), 1), runs, note)
+
+
+def imapsync_cmd(work: Path, config: dict) -> tuple[list[str], dict]:
+    path = work / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o600)
+    return ([sys.executable, "-m", "imapsync", "--log-level", "warning", "sync", "--config", str(path)],
+            dict(os.environ, BENCH_PW=PASSWORD, BENCH_KEY="bench-key"))
+
+
+def account(port: int, name: str = "bench", user: str = USER) -> dict:
+    return {"name": name, "host": "127.0.0.1", "port": port, "tls": "plain", "username": user,
+            "password": {"env": "BENCH_PW"}}
+
+
+def mbsync_cmd(port: int, work: Path) -> tuple[list[str], dict]:
+    (work / "mail").mkdir()
+    rc = work / "mbsyncrc"
+    rc.write_text(f"""IMAPAccount bench
+Host 127.0.0.1
+Port {port}
+User {USER}
+Pass {PASSWORD}
+SSLType None
+AuthMechs LOGIN
+
+IMAPStore remote
+Account bench
+
+MaildirStore local
+Path {work}/mail/
+Inbox {work}/mail/INBOX
+SubFolders Verbatim
+
+Channel bench
+Far :remote:
+Near :local:
+Patterns *
+Create Near
+Sync Pull
+SyncState *
+""")
+    return ["mbsync", "-q", "-c", str(rc), "-a"], dict(os.environ)
+
+
+def getmail_cmd(port: int, work: Path) -> tuple[list[str], dict]:
+    mail = work / "mail"
+    for sub in ("cur", "new", "tmp"):
+        (mail / sub).mkdir(parents=True, exist_ok=True)
+    user_line = ""
+    if os.geteuid() == 0:  # getmail refuses to deliver as root: deliver as nobody
+        import pwd
+        nobody = pwd.getpwnam("nobody")
+        for p in [work, mail, *mail.iterdir()]:
+            os.chown(p, nobody.pw_uid, nobody.pw_gid)
+        user_line = "user = nobody\n"
+    rc = work / "getmailrc"
+    rc.write_text(f"""[retriever]
+type = SimpleIMAPRetriever
+server = 127.0.0.1
+port = {port}
+username = {USER}
+password = {PASSWORD}
+mailboxes = ALL
+
+[destination]
+type = Maildir
+path = {mail}/
+{user_line}
+[options]
+read_all = true
+delete = false
+verbose = 0
+""")
+    return ["getmail", "--rcfile", str(rc), "--getmaildir", str(work)], dict(os.environ)
+
+
+def machine() -> dict:
+    mem = next((line.split()[1] for line in open("/proc/meminfo") if line.startswith("MemTotal")), "?")
+    return {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
+            "mem_kb": mem, "load": os.getloadavg(),
+            "dovecot": subprocess.run(["dovecot", "--version"], capture_output=True, text=True).stdout.strip()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--messages", type=int, default=10_000)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--poll-accounts", type=int, default=100)
+    ap.add_argument("--only", nargs="*", default=None,
+                    help="subset: receiver directory latency mbsync getmail floor poll")
+    ap.add_argument("--out", type=Path, default=HERE / "results")
+    args = ap.parse_args(argv)
+    want = set(args.only or ["receiver", "directory", "latency", "mbsync", "getmail", "floor", "poll"])
+    missing = [t for t, k in (("mbsync", "mbsync"), ("getmail", "getmail")) if k in want and not shutil.which(t)]
+    if missing or not Dovecot.available():
+        print(f"bench: missing {', '.join(missing + ([] if Dovecot.available() else ['dovecot']))}: "
+              "apt-get install isync getmail6 dovecot-imapd", file=sys.stderr)
+        return 2
+    rows: list[Row] = []
+    poll_seconds: float | None = None
+    scratch = Path(tempfile.mkdtemp(prefix="imapsync-bench-"))
+    with Dovecot() as dovecot:
+        dovecot.add_user(USER, PASSWORD)
+        t0 = time.perf_counter()
+        corpus = seed(dovecot, USER, args.messages)
+        print(f"corpus: {corpus.messages} messages ({corpus.copies} copies over {len(FOLDERS)} folders), "
+              f"{corpus.bytes / 1e6:.0f} MB, seeded in {time.perf_counter() - t0:.1f}s", flush=True)
+        n, nbytes = corpus.copies, corpus.bytes
+
+        def fresh(i: int, name: str) -> Path:
+            work = scratch / f"{name}-{i}"
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            return work
+
+        def base_config(work: Path) -> dict:
+            return {"ledger": str(work / "ledger.sqlite3"), "accounts": [account(dovecot.port)]}
+
+        if "directory" in want:
+            rows.append(median_run("imapsync -> directory", args.runs, lambda i: fresh(i, "dir"), lambda w: imapsync_cmd(
+                w, dict(base_config(w), sink="directory", directory=str(w / "out"),
+                        tenants=[{"domain": DOMAIN}])), n, nbytes))
+        for name, latency in (("receiver", 0), ("latency", 200)):
+            if name not in want:
+                continue
+            receivers: list[Receiver] = []  # a fresh receiver per run: it remembers request ids
+
+            def prep(i: int, name=name, latency=latency, receivers=receivers) -> Path:
+                work = fresh(i, name)
+                receivers.append(Receiver(work / "received", api_key="bench-key", latency_ms=latency).start())
+                return work
+
+            def cmd(w: Path, receivers=receivers) -> tuple[list[str], dict]:
+                return imapsync_cmd(w, dict(base_config(w), tenants=[{
+                    "domain": DOMAIN, "endpoint": receivers[-1].url, "api_key": {"env": "BENCH_KEY"}}],
+                    upload={"max_attempts": 3, "backoff_factor": 0.1}))
+
+            row = median_run(f"imapsync -> receiver ({latency} ms)", args.runs, prep, cmd, n, nbytes)
+            row.note = f"peak uploads in flight {max(r.stats['peak_in_flight'] for r in receivers)}"
+            for r in receivers:
+                r.stop()
+            rows.append(row)
+        if "mbsync" in want:
+            rows.append(median_run("mbsync (isync)", args.runs, lambda i: fresh(i, "mbsync"),
+                                   lambda w: mbsync_cmd(dovecot.port, w), n, nbytes))
+        if "getmail" in want:
+            rows.append(median_run("getmail6", args.runs, lambda i: fresh(i, "getmail"),
+                                   lambda w: getmail_cmd(dovecot.port, w), n, nbytes))
+        if "floor" in want:
+            rows.append(median_run("imapclient loop", args.runs, lambda i: fresh(i, "floor"), lambda w: (
+                [sys.executable, str(HERE / "floor_imapclient.py"), "127.0.0.1", str(dovecot.port), USER, PASSWORD,
+                 str(w / "out")], dict(os.environ)), n, nbytes))
+        if "poll" in want:
+            poll_seconds = no_change_poll(dovecot, scratch, args.poll_accounts, args.runs)
+    shutil.rmtree(scratch, ignore_errors=True)
+    report(rows, poll_seconds, args, corpus)
+    return 0
+
+
+def no_change_poll(dovecot: Dovecot, scratch: Path, accounts: int, runs: int) -> float:
+    """`imapsync sync` over accounts x 10 folders in which nothing changed: wall seconds (median)."""
+    work = scratch / "poll"
+    work.mkdir()
+    cfg_accounts = []
+    for a in range(accounts):
+        user = f"poll{a}@{DOMAIN}"
+        dovecot.add_user(user, PASSWORD)
+        for f in range(10):
+            dovecot.deliver(user, f"From: x@partner.example\r\nTo: {user}\r\nSubject: poll {a}.{f}\r\n"
+                                  f"Message-ID: <poll-{a}-{f}@partner.example>\r\n\r\nbody\r\n".encode(),
+                            "INBOX" if f == 0 else f"Folder{f}")
+        cfg_accounts.append(account(dovecot.port, f"poll{a}", user))
+    cmd, env = imapsync_cmd(work, {"ledger": str(work / "ledger.sqlite3"), "sink": "directory",
+                                   "directory": str(work / "out"), "tenants": [{"domain": DOMAIN}],
+                                   "accounts": cfg_accounts})
+    timed(cmd, env)  # the first pass archives; the timed ones find nothing new
+    times = []
+    for i in range(runs):
+        t, r, _ = timed(cmd, env)
+        times.append(t)
+        print(f"  no-change poll run {i + 1}: {t:.2f}s (RSS {r:.0f} MB)", flush=True)
+    return round(statistics.median(times), 2)
+
+
+def report(rows: list[Row], poll: float | None, args, corpus) -> None:
+    by = {r.tool: r for r in rows}
+    lines = [f"{'tool':32} {'msgs/s':>9} {'MB/s':>8} {'peak RSS MB':>12} {'seconds':>9}  note",
+             "-" * 90]
+    for r in rows:
+        lines.append(f"{r.tool:32} {r.msgs_per_s:>9.1f} {r.mb_per_s:>8.1f} {r.rss_mb:>12.0f} {r.seconds:>9.2f}  {r.note}")
+    if poll is not None:
+        lines.append(f"{'no-change poll (' + str(args.poll_accounts) + ' x 10 folders)':32} {'':>9} {'':>8} {'':>12} {poll:>9.2f}")
+    ours = by.get("imapsync -> directory")
+    ratios = []
+    for peer in ("mbsync (isync)", "getmail6", "imapclient loop"):
+        if ours and peer in by:
+            ratios.append(f"directory sink / {peer}: {ours.msgs_per_s / by[peer].msgs_per_s:.2f}x")
+    recv0 = by.get("imapsync -> receiver (0 ms)")
+    if ours and recv0:
+        ratios.append(f"receiver (0 ms) / directory sink: {recv0.msgs_per_s / ours.msgs_per_s:.2f}x")
+    lat = by.get("imapsync -> receiver (200 ms)")
+    if lat:
+        target = 0.8 * 16 / 0.2
+        ratios.append(f"receiver (200 ms): {lat.msgs_per_s:.1f} msgs/s vs target 0.8 x 16 / 0.2 s = {target:.0f}")
+    text = "\n".join(lines + [""] + ratios)
+    print("\n" + text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    (args.out / f"{stamp}.txt").write_text(text + "\n")
+    (args.out / f"{stamp}.json").write_text(json.dumps({
+        "machine": machine(), "corpus": asdict(corpus), "runs": args.runs,
+        "rows": [asdict(r) for r in rows], "no_change_poll_seconds": poll}, indent=2) + "\n")
+    print(f"\nresults: {args.out / (stamp + '.txt')}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
