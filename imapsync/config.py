@@ -259,6 +259,7 @@ class Fetch(Strict):
     batch_bytes: ByteSize = 16 * 1024 * 1024
     batch_messages: int = Field(default=500, ge=1)
     parallel_accounts: int = Field(default=8, ge=1, le=256)  # accounts synced side by side in a pass
+    connections: int = Field(default=4, ge=1, le=32)  # per account: 1 for headers + bodies fetched ahead
     reconnects: int = Field(default=3, ge=0, le=100)  # within one pass, after a drop or timeout
     reconnect_backoff: float = Field(default=1.0, ge=0)  # seconds before the first; doubles
 

@@ -228,9 +228,10 @@ class Ledger:
             if overwrite:
                 c.execute(m.update().where(m.c.id == row.id).values(state=state.value))
             return row.id
-        return c.execute(m.insert().values(
+        _insert_ignoring_conflicts(c, m, [dict(
             key=key, message_id=message_id, fingerprint=fingerprint, size=size, date=date,
-            state=state.value, reason=reason, attempts=0, first_seen_at=now())).inserted_primary_key[0]
+            state=state.value, reason=reason, attempts=0, first_seen_at=now())])
+        return self._ids(c, [key])[key]
 
     def pending_messages(self, c: Connection, items: list[dict]) -> dict[str, int]:
         """Make these messages pending (rule 2), inserting the new ones; key -> row id.
@@ -249,7 +250,7 @@ class Ledger:
                 seen.add(i["key"])
                 new.append(dict(i, state=State.PENDING.value, attempts=0, first_seen_at=ts))
         if new:
-            c.execute(m.insert(), new)
+            _insert_ignoring_conflicts(c, m, new)  # another account may add the same message meanwhile
             ids.update(self._ids(c, [n["key"] for n in new]))
         return ids
 
@@ -310,7 +311,7 @@ class Ledger:
                     rows.append(dict(message_ref=a.message_ref, vault=vault, tenant=a.tenant,
                                      upload_id=a.upload_id, delivered_at=ts))
         if rows:
-            c.execute(d.insert(), rows)
+            _insert_ignoring_conflicts(c, d, rows)
         c.execute(m.update().where(m.c.id == sa.bindparam("b_id")).values(
             state=State.UPLOADED.value, reason=None, last_error=None, uploaded_at=ts,
             upload_id=sa.bindparam("b_upload_id"), attempts=m.c.attempts + sa.bindparam("b_attempts")),
@@ -474,6 +475,245 @@ class Ledger:
         except SQLAlchemyError as e:
             raise LedgerError(_short(e), self.url) from None
 
+    # ----- backfill, retry, verify and the status queries (read mostly) ----------------
+
+    def find_account_id(self, name: str) -> int | None:
+        """The account's row id, without creating it (for a dry run)."""
+        a = self.t["accounts"]
+        with self.tx() as c:
+            return c.execute(sa.select(a.c.id).where(a.c.name == name)).scalar()
+
+    def final_before(self, folder_id: int, uidvalidity: int, uids: list[int], before: datetime) -> set[int]:
+        """Which of `uids` were already final before `before` (a run's start): what a
+        backfill's count of work leaves out."""
+        s = self.t["sightings"]
+        final = [st.value for st in State if st.final]
+        out: set[int] = set()
+        with self.tx() as c:
+            for i in range(0, len(uids), 500):
+                out.update(c.execute(sa.select(s.c.uid).where(
+                    s.c.folder_id == folder_id, s.c.uidvalidity == uidvalidity, s.c.uid.in_(uids[i:i + 500]),
+                    s.c.state.in_(final), s.c.seen_at < before)).scalars())
+        return out
+
+    def set_sighting_state(self, folder_id: int, uidvalidity: int, uid: int, state: State, reason: str | None) -> None:
+        """Settle one copy's row (a retry found the message again under another UID)."""
+        s = self.t["sightings"]
+        with self.tx() as c:
+            c.execute(s.update().where(s.c.folder_id == folder_id, s.c.uidvalidity == uidvalidity, s.c.uid == uid)
+                      .values(state=state.value, reason=reason[:64] if reason else None, seen_at=now()))
+
+    def copies(self, folder_id: int, uidvalidity: int, uids: list[int]) -> dict[int, dict]:
+        """What the ledger holds for each copy at these UIDs: the copy's state and reason,
+        and its message's key, Message-ID and state (for `verify`)."""
+        s, m = self.t["sightings"], self.t["messages"]
+        out: dict[int, dict] = {}
+        with self.tx() as c:
+            for i in range(0, len(uids), 500):
+                q = (sa.select(s.c.uid, s.c.state, s.c.reason, s.c.message_id, s.c.message_ref,
+                               m.c.key, m.c.state.label("message_state"))
+                     .select_from(s.outerjoin(m, s.c.message_ref == m.c.id))
+                     .where(s.c.folder_id == folder_id, s.c.uidvalidity == uidvalidity, s.c.uid.in_(uids[i:i + 500])))
+                out.update({r["uid"]: dict(r) for r in c.execute(q).mappings()})
+        return out
+
+    def _copies_query(self, account: str | None, states: Iterable[State], reason: str | None):
+        a, f, s, m = (self.t[n] for n in ("accounts", "folders", "sightings", "messages"))
+        q = (sa.select(a.c.name.label("account"), f.c.name.label("folder"), s.c.folder_id, s.c.uidvalidity,
+                       s.c.uid, s.c.message_id, s.c.size, m.c.date, s.c.state,
+                       sa.func.coalesce(s.c.reason, m.c.reason).label("reason"), m.c.attempts, m.c.last_error,
+                       s.c.seen_at)
+             .select_from(s.join(f, s.c.folder_id == f.c.id).join(a, f.c.account_id == a.c.id)
+                          .outerjoin(m, s.c.message_ref == m.c.id))
+             .where(s.c.state.in_([st.value for st in states]), s.c.uidvalidity == f.c.uidvalidity))
+        if account:
+            q = q.where(a.c.name == account)
+        if reason:
+            q = q.where(sa.func.coalesce(s.c.reason, m.c.reason) == reason)
+        return q
+
+    def copies_in_states(self, states: Iterable[State], account: str | None = None, reason: str | None = None,
+                         limit: int | None = None) -> tuple[list[dict], int]:
+        """Copies (in their folder's current UIDVALIDITY) in these states, by account,
+        folder and UID, with the message's date, attempts and last error; and how many
+        there are in all (the list stops at `limit`)."""
+        states = list(states)
+        q = self._copies_query(account, states, reason)
+        with self.tx() as c:
+            total = c.execute(sa.select(sa.func.count()).select_from(q.subquery())).scalar() or 0
+            rows = q.order_by(sa.literal_column("account"), sa.literal_column("folder"), self.t["sightings"].c.uid)
+            if limit is not None:
+                rows = rows.limit(limit)
+            out = [dict(r) for r in c.execute(rows).mappings()]
+        for r in out:
+            r["seen_at"] = _iso(r["seen_at"])
+        return out, total
+
+    def runs(self, account: str | None = None, kind: str | None = None, limit: int = 50) -> list[dict]:
+        """The newest runs first: kind, account, start, end, duration, outcome, counts."""
+        r = self.t["runs"]
+        q = sa.select(r).order_by(r.c.started_at.desc(), r.c.id.desc()).limit(limit)
+        if account:
+            q = q.where(r.c.account == account)
+        if kind:
+            q = q.where(r.c.kind == kind)
+        with self.tx() as c:
+            rows = c.execute(q).mappings().all()
+        out = []
+        for row in rows:
+            run = {"account": row["account"], **_run(row)}
+            end = row["ended_at"]
+            run["duration_seconds"] = round((end - row["started_at"]).total_seconds(), 3) if end else None
+            out.append(run)
+        return out
+
+    def messages_by_id(self, message_ids: Iterable[str], key_range: tuple[str, str] | None = None) -> list[dict]:
+        """Messages whose Message-ID is one of `message_ids` (as found in the header), or
+        whose key lies in `key_range`; each with where it was seen and which vaults it
+        reached, and when."""
+        a, f, s, m, d = (self.t[n] for n in ("accounts", "folders", "sightings", "messages", "deliveries"))
+        ids = sorted(set(message_ids))
+        with self.tx() as c:
+            found = {r["id"]: dict(r) for r in c.execute(sa.select(m).where(m.c.message_id.in_(ids))).mappings()}
+            if key_range:
+                found.update({r["id"]: dict(r) for r in c.execute(sa.select(m).where(
+                    m.c.key >= key_range[0], m.c.key <= key_range[1])).mappings()})
+            out = []
+            for ref in sorted(found):
+                row = found[ref]
+                seen = c.execute(
+                    sa.select(a.c.name.label("account"), f.c.name.label("folder"), s.c.uidvalidity, s.c.uid,
+                              s.c.state, s.c.reason, s.c.seen_at)
+                    .select_from(s.join(f, s.c.folder_id == f.c.id).join(a, f.c.account_id == a.c.id))
+                    .where(s.c.message_ref == ref).order_by(a.c.name, f.c.name, s.c.uid)).mappings().all()
+                reached = c.execute(sa.select(d.c.vault, d.c.tenant, d.c.upload_id, d.c.delivered_at)
+                                    .where(d.c.message_ref == ref).order_by(d.c.vault)).mappings().all()
+                out.append({
+                    "key": row["key"], "message_id": row["message_id"], "state": row["state"],
+                    "reason": row["reason"], "size": row["size"], "date": row["date"], "attempts": row["attempts"],
+                    "last_error": row["last_error"], "first_seen_at": _iso(row["first_seen_at"]),
+                    "uploaded_at": _iso(row["uploaded_at"]), "upload_id": row["upload_id"],
+                    "sightings": [dict(x, seen_at=_iso(x["seen_at"])) for x in seen],
+                    "deliveries": [dict(x, delivered_at=_iso(x["delivered_at"])) for x in reached],
+                })
+        return out
+
+    def tenant_totals(self) -> list[dict]:
+        """Per tenant: messages uploaded to it, vaults reached, deliveries, last upload.
+
+        One scan of the covering index ix_deliveries_tenant (about 0.5 s per million
+        deliveries on SQLite; bench/status_bench.py)."""
+        d = self.t["deliveries"]
+        with self.tx() as c:
+            rows = c.execute(sa.select(d.c.tenant, sa.func.count(sa.distinct(d.c.message_ref)).label("messages"),
+                                       sa.func.count(sa.distinct(d.c.vault)).label("vaults"),
+                                       sa.func.count().label("deliveries"), sa.func.max(d.c.delivered_at).label("last"))
+                             .group_by(d.c.tenant).order_by(d.c.tenant)).mappings().all()
+        return [{"tenant": r["tenant"], "messages": r["messages"], "vaults": r["vaults"],
+                 "deliveries": r["deliveries"], "last_upload_at": _iso(r["last"])} for r in rows]
+
+
+    # ----- integrity (read only; the checks and their wording are in ledger_check.py) ---
+
+    def dangling_references(self, limit: int = 20) -> list[tuple[str, str, int, list[dict]]]:
+        """Rows whose foreign key points at no row, for every foreign key of the schema.
+
+        (table.column, referred table, how many rows, the first `limit` rows' keys).
+        """
+        out = []
+        with self.tx() as c:
+            for name in TABLES:
+                table = self.t[name]
+                keys = list(table.primary_key.columns)
+                for fk in sorted(table.foreign_keys, key=lambda k: k.parent.name):
+                    col, target = fk.parent, fk.column
+                    where = sa.and_(col.is_not(None), ~sa.exists().where(target == col))
+                    n = c.execute(sa.select(sa.func.count()).select_from(table).where(where)).scalar_one()
+                    if n:
+                        rows = c.execute(sa.select(*keys, col).where(where).limit(limit)).mappings().all()
+                        out.append((f"{name}.{col.name}", target.table.name, n, [dict(r) for r in rows]))
+        return out
+
+    def messages_without_copy_or_delivery(self, limit: int = 20) -> tuple[int, list[dict]]:
+        """Message rows that no copy refers to and that reached no vault (orphans)."""
+        m, s, d = self.t["messages"], self.t["sightings"], self.t["deliveries"]
+        where = sa.and_(~sa.exists().where(s.c.message_ref == m.c.id), ~sa.exists().where(d.c.message_ref == m.c.id))
+        return self._count_and_rows(sa.select(m.c.id, m.c.key, m.c.message_id, m.c.state), m, where, limit)
+
+    def copies_at_or_below_cursor(self, states: Iterable[str], limit: int = 20) -> tuple[int, list[dict]]:
+        """Copies in one of `states` at or below their folder's cursor (same UIDVALIDITY)."""
+        f, s = self.t["folders"], self.t["sightings"]
+        where = sa.and_(s.c.state.in_(list(states)), s.c.uidvalidity == f.c.uidvalidity, s.c.uid <= f.c.last_uid)
+        return self._copies(where, limit)
+
+    def archived_copies_without_delivery(self, limit: int = 20) -> tuple[int, list[dict]]:
+        """Copies recorded uploaded or duplicate whose message is unknown or reached no vault."""
+        s, d = self.t["sightings"], self.t["deliveries"]
+        where = sa.and_(s.c.state.in_([State.UPLOADED.value, State.DUPLICATE.value]),
+                        sa.or_(s.c.message_ref.is_(None), ~sa.exists().where(d.c.message_ref == s.c.message_ref)))
+        return self._copies(where, limit)
+
+    def copies_without_reason(self, states: Iterable[str], limit: int = 20) -> tuple[int, list[dict]]:
+        """Copies in one of `states` (skipped, failed) that carry no reason."""
+        s = self.t["sightings"]
+        return self._copies(sa.and_(s.c.state.in_(list(states)), sa.or_(s.c.reason.is_(None), s.c.reason == "")),
+                            limit)
+
+    def uploaded_messages_without_delivery(self, limit: int = 20) -> tuple[int, list[dict]]:
+        """Messages marked uploaded that reached no vault."""
+        m, d = self.t["messages"], self.t["deliveries"]
+        where = sa.and_(m.c.state == State.UPLOADED.value, ~sa.exists().where(d.c.message_ref == m.c.id))
+        return self._count_and_rows(sa.select(m.c.id, m.c.key, m.c.message_id, m.c.state), m, where, limit)
+
+    def unknown_states(self, known: Iterable[str], limit: int = 20) -> list[tuple[str, int, list[dict]]]:
+        """Message and copy rows whose state is not one of `known`: (table, count, rows)."""
+        out = []
+        for name in ("messages", "sightings"):
+            t = self.t[name]
+            n, rows = self._count_and_rows(sa.select(t.c.id, t.c.state), t, t.c.state.not_in(list(known)), limit)
+            if n:
+                out.append((name, n, rows))
+        return out
+
+    def _copies(self, where, limit: int) -> tuple[int, list[dict]]:
+        a, f, s = self.t["accounts"], self.t["folders"], self.t["sightings"]
+        joined = s.join(f, s.c.folder_id == f.c.id).join(a, f.c.account_id == a.c.id)
+        q = (sa.select(a.c.name.label("account"), f.c.name.label("folder"), f.c.uidvalidity.label("folder_uidvalidity"),
+                       f.c.last_uid, s.c.uidvalidity, s.c.uid, s.c.state, s.c.reason, s.c.message_ref, s.c.message_id)
+             .select_from(joined).where(where).order_by(a.c.name, f.c.name, s.c.uid))
+        with self.tx() as c:
+            n = c.execute(sa.select(sa.func.count()).select_from(joined).where(where)).scalar_one()
+            rows = [dict(r) for r in c.execute(q.limit(limit)).mappings()] if n else []
+        return n, rows
+
+    def _count_and_rows(self, select, table, where, limit: int) -> tuple[int, list[dict]]:
+        with self.tx() as c:
+            n = c.execute(sa.select(sa.func.count()).select_from(table).where(where)).scalar_one()
+            rows = [dict(r) for r in c.execute(select.where(where).order_by(table.c.id).limit(limit)).mappings()] \
+                if n else []
+        return n, rows
+
+    def table_sizes(self) -> dict[str, int]:
+        """Rows per table (for a one-line summary of what a check covered)."""
+        with self.tx() as c:
+            return {name: c.execute(sa.select(sa.func.count()).select_from(self.t[name])).scalar_one()
+                    for name in ("accounts", "folders", "messages", "sightings", "deliveries")}
+
+
+def _insert_ignoring_conflicts(c: Connection, table: sa.Table, rows: list[dict]) -> None:
+    """INSERT ... ON CONFLICT DO NOTHING: accounts synced side by side (or several
+    workers) may add the same message or delivery at the same moment; both mean the same."""
+    name = c.dialect.name
+    if name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    elif name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:  # pragma: no cover - only SQLite and PostgreSQL are supported
+        c.execute(table.insert(), rows)
+        return
+    c.execute(insert(table).on_conflict_do_nothing(), rows)
+
+
 def _iso(ts: datetime | None) -> str | None:
     return ts.replace(tzinfo=timezone.utc).isoformat(timespec="seconds") if ts else None
 
@@ -501,6 +741,10 @@ def migrate(engine: Engine) -> None:
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(files("imapsync.migrations")))
     with engine.begin() as conn:
+        if engine.dialect.name == "sqlite":
+            # pysqlite runs DDL outside any transaction; begin one ourselves, so that a crash
+            # or a full disk mid-migration leaves the old schema, never half of the new one.
+            conn.exec_driver_sql("BEGIN")
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
 

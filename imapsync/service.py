@@ -51,6 +51,7 @@ def settings_of(loaded: LoadedConfig) -> Settings:
         batch_bytes=cfg.fetch.batch_bytes,
         batch_messages=cfg.fetch.batch_messages,
         spool_bytes=cfg.upload.spool_bytes,
+        connections=cfg.fetch.connections,
         reconnects=cfg.fetch.reconnects,
         reconnect_backoff=cfg.fetch.reconnect_backoff,
     )

@@ -10,25 +10,38 @@ after the acknowledgement; uploads run concurrently in a bounded pool, and their
 results are written from this thread, one transaction per batch of results. The
 cursor moves over UIDs that are all final (rule 3).
 
+What a pass takes is a selection: by default every UID above the folder's cursor
+(continuous sync); for a backfill, date windows (UID SEARCH SINCE/BEFORE on INTERNALDATE,
+oldest first or newest first) so that a huge folder starts uploading at once; for a
+retry, the copies that failed (found again by UID, or by Message-ID when the UID is
+gone). Every selection goes through the same planning, dedup, upload and recording,
+and the cursor still moves only over a contiguous run of final UIDs from where it was.
+A dry run plans from headers alone and writes nothing; an optional progress hook is
+told of each folder and of each copy as it is settled.
+
 An account's error (login, connection) ends that account's pass and is recorded;
 the other accounts go on. A tenant that refuses the API key or cannot be reached is
 closed for the rest of the pass and its messages stay pending for the next.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import date, timedelta
+from typing import Protocol
 
 from imapsync import routing
 from imapsync.config import Account
 from imapsync.errors import SourceError, SourceErrorKind
-from imapsync.imap_source import FolderStatus, ImapSource, batches
+from imapsync.imap_source import FolderStatus, ImapSource, batches, matches_any
 from imapsync.ledger import Acknowledged, FolderRow, Known, Ledger, Sighting, State, now
 from imapsync.message import MessageInfo, fingerprint
+from imapsync.prefetch import BodyPrefetcher
 from imapsync.sinks.base import Outcome, Payload, UploadRequest, UploadResult
 from imapsync.upload_pool import Done, Job, TenantGate, UploadPool
 
@@ -73,6 +86,7 @@ class Settings:
     batch_bytes: int
     batch_messages: int
     spool_bytes: int = 4 * 1024 * 1024
+    connections: int = 4  # IMAP connections per account: one for headers, the rest fetch bodies ahead
     reconnects: int = 3  # new connections after a drop or timeout, within one pass
     reconnect_backoff: float = 1.0  # seconds before the first; doubles each time
 
@@ -110,9 +124,138 @@ class _Copy:
     detail: str | None = None
 
 
+class ProgressHook(Protocol):
+    """Told what a pass is doing; called from the pass's own thread."""
+
+    def folder(self, name: str) -> None: ...
+
+    def handled(self, state: State | None, size: int) -> None:
+        """One copy settled in this run (None: it vanished before it could be read)."""
+
+
+@dataclass(frozen=True)
+class Windows:
+    """A backfill's selection: messages by arrival date (INTERNALDATE), in windows of days.
+
+    `since` is inclusive and `before` exclusive, as in IMAP SEARCH SINCE/BEFORE (which
+    compare days, not times). Without `since` the walk starts at the first message's
+    date, with one more window for anything older; without `before` it ends with a
+    window for anything dated after today.
+    """
+
+    since: date | None = None
+    before: date | None = None
+    newest_first: bool = False
+    window_days: int = 30
+    folders: tuple[str, ...] = ()  # globs: only folders matching one (within the account's own filter)
+
+    def ranges(self, oldest: date | None, today: date) -> list[tuple[date | None, date | None]]:
+        """The windows, as (since, before) pairs that never overlap, in walking order."""
+        hi = self.before or today + timedelta(days=1)
+        lo = self.since or (min(oldest, hi) if oldest else None)
+        if lo is None:
+            return [(None, self.before)]  # an empty folder: one search says so
+        out: list[tuple[date | None, date | None]] = [] if self.since else [(None, lo)]
+        step, start = timedelta(days=max(1, self.window_days)), lo
+        while start < hi:
+            out.append((start, min(start + step, hi)))
+            start = min(start + step, hi)
+        if self.before is None:
+            out.append((hi, None))
+        return out[::-1] if self.newest_first else out
+
+
+@dataclass(frozen=True)
+class Target:
+    """One copy to handle again: where it was seen, and its Message-ID to find it if moved."""
+
+    uidvalidity: int
+    uid: int
+    message_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Redo:
+    """A retry's selection: these copies again, per folder, when in one of `states`."""
+
+    targets: Mapping[str, tuple[Target, ...]]
+    states: frozenset[State] = frozenset({State.FAILED})
+
+
+@dataclass
+class DryRun:
+    """What a pass would do, decided from sizes and headers alone; nothing is written.
+
+    Counts are complete; the lists keep the first `limit` entries of each kind, so a
+    dry run of a huge mailbox stays bounded in memory.
+    """
+
+    limit: int = 10_000
+    upload: list[dict] = field(default_factory=list)
+    skip: list[dict] = field(default_factory=list)
+    duplicate: list[dict] = field(default_factory=list)
+    counts: Counter[str] = field(default_factory=Counter)  # upload, skip, duplicate, already_done
+    upload_bytes: int = 0
+    vaults: Counter[str] = field(default_factory=Counter)  # vault -> messages it would receive
+    reasons: Counter[str] = field(default_factory=Counter)  # skip and duplicate reasons
+    _covered: dict[str, set[str]] = field(default_factory=dict, repr=False)  # key -> vaults this run would cover
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def decide(self, entry: dict, p: "_Planned", known: Known | None) -> None:
+        with self._lock:
+            if p.state is not None:
+                kind, reason = ("skip", p.reason) if p.state is State.SKIPPED else ("duplicate", "already_archived")
+                self._add(kind, dict(entry, reason=reason))
+                return
+            todo = _missing(p.routes, known)
+            if p.key:
+                covered = self._covered.setdefault(p.key, set())
+                todo = [routing.Route(r.tenant, r.vaults - covered, r.sender) for r in todo if r.vaults - covered]
+                for r in todo:
+                    covered.update(r.vaults)
+            if not todo:
+                self._add("duplicate", dict(entry, reason="earlier_copy_in_this_run"))
+                return
+            vaults = {r.tenant: sorted(r.vaults) for r in todo}
+            self._add("upload", dict(entry, vaults=vaults, key_known=p.key is not None))
+            self.upload_bytes += p.info.size
+            self.vaults.update(v for r in todo for v in r.vaults)
+
+    def already(self, n: int) -> None:
+        with self._lock:
+            self.counts["already_done"] += n
+
+    def _add(self, kind: str, entry: dict) -> None:
+        self.counts[kind] += 1
+        if "reason" in entry:
+            self.reasons[entry["reason"]] += 1
+        bucket: list[dict] = getattr(self, kind)
+        if len(bucket) < self.limit:
+            bucket.append(entry)
+
+    def as_dict(self) -> dict:
+        return {"would_upload": self.counts["upload"], "would_upload_bytes": self.upload_bytes,
+                "would_skip": self.counts["skip"], "duplicates": self.counts["duplicate"],
+                "already_done": self.counts["already_done"], "reasons": dict(sorted(self.reasons.items())),
+                "vaults": dict(sorted(self.vaults.items())), "upload": self.upload, "skip": self.skip,
+                "duplicate": self.duplicate, "truncated": any(
+                    self.counts[k] > len(getattr(self, k)) for k in ("upload", "skip", "duplicate"))}
+
+
+@dataclass(frozen=True)
+class _Options:
+    """What differs between sync, backfill, retry and dry run; the algorithm is the same."""
+
+    account: str = ""
+    selection: Windows | Redo | None = None
+    progress: ProgressHook | None = None
+    dry_run: DryRun | None = None
+
+
 def sync_account(account: Account, connect: Callable[[], ImapSource], ledger: Ledger,
                  pool: UploadPool, settings: Settings, kind: str = "sync",
-                 stop: threading.Event | None = None) -> AccountResult:
+                 stop: threading.Event | None = None, *, selection: Windows | Redo | None = None,
+                 progress: ProgressHook | None = None, dry_run: DryRun | None = None) -> AccountResult:
     """One pass over every included folder of `account`. Never raises SourceError.
 
     A dropped connection or a timeout is followed by a new connection (up to
@@ -120,17 +263,25 @@ def sync_account(account: Account, connect: Callable[[], ImapSource], ledger: Le
     ledger's cursors make finished folders cost one STATUS. A folder the server refuses
     (NO/BAD) is recorded with its error and the next folder goes on. `stop` set from
     another thread ends the pass after the current batch, with its uploads recorded.
+
+    `selection` replaces "every UID above the cursor" (Windows: a backfill; Redo: a
+    retry); `progress` is told of each folder and settled copy; with `dry_run` nothing
+    is uploaded and nothing is written to the ledger (not even the run).
     """
     counts = Counts()
-    run_id = ledger.start_run(kind, account.name)
-    account_id = ledger.account_id(account.name, account.host, account.username)
+    opts = _Options(account.name, selection, progress, dry_run)
+    if dry_run is not None:
+        run_id, account_id = None, ledger.find_account_id(account.name) or 0
+    else:
+        run_id = ledger.start_run(kind, account.name)
+        account_id = ledger.account_id(account.name, account.host, account.username)
     error: SourceError | None = None
     owner = routing.owner_vault(account.username, account.vault, settings.domains_aliases)
     reconnects = 0
     try:
         while True:
             try:
-                _pass(connect, account, account_id, ledger, pool, settings, owner, counts, stop)
+                _pass(connect, account, account_id, ledger, pool, settings, owner, counts, stop, opts)
                 break
             except SourceError as e:
                 if e.kind not in SourceErrorKind.RECONNECTABLE or reconnects >= settings.reconnects \
@@ -148,33 +299,50 @@ def sync_account(account: Account, connect: Callable[[], ImapSource], ledger: Le
         error = e
         log.error("Account %s: %s", account.name, e)
     finally:
-        ledger.set_account_result(account_id, str(error) if error else None)
-        stopped = stop is not None and stop.is_set()
-        outcome = ("error" if error else "stopped" if stopped
-                   else "partial" if counts.failed or counts.pending else "ok")
-        ledger.finish_run(run_id, outcome=outcome, counts=counts.as_dict(), error=str(error) if error else None)
+        if run_id is not None:
+            ledger.set_account_result(account_id, str(error) if error else None)
+            stopped = stop is not None and stop.is_set()
+            outcome = ("error" if error else "stopped" if stopped
+                       else "partial" if counts.failed or counts.pending else "ok")
+            ledger.finish_run(run_id, outcome=outcome, counts=counts.as_dict(), error=str(error) if error else None)
     return AccountResult(account.name, counts, error)
 
 
 def _pass(connect: Callable[[], ImapSource], account: Account, account_id: int, ledger: Ledger,
           pool: UploadPool, settings: Settings, owner: str | None, counts: Counts,
-          stop: threading.Event | None) -> None:
-    with connect() as source:
+          stop: threading.Event | None, opts: _Options = _Options()) -> None:
+    fetcher = BodyPrefetcher(connect, settings.connections - 1)
+    with connect() as source, contextlib.closing(fetcher):
         known = ledger.folders(account_id)
         for folder in source.folders(account.folders):
             if stop is not None and stop.is_set():
                 return
-            row = known.get(folder.name) or ledger.folder(account_id, folder.name)
-            folder_pass = _FolderPass(source, row, ledger, pool, settings, owner, counts, stop)
+            if not _selected(folder.name, opts.selection):
+                continue
+            if opts.dry_run is not None:  # a dry run creates no folder row either
+                row = known.get(folder.name) or FolderRow(0, folder.name, None, 0, None)
+            else:
+                row = known.get(folder.name) or ledger.folder(account_id, folder.name)
+            folder_pass = _FolderPass(source, row, ledger, pool, settings, owner, counts, stop, opts)
+            folder_pass.fetcher = fetcher
             try:
                 folder_pass.run()
             except SourceError as e:
-                ledger.update_folder(row.id, last_error=str(e))
+                if opts.dry_run is None:
+                    ledger.update_folder(row.id, last_error=str(e))
                 if e.kind != SourceErrorKind.PROTOCOL:
                     raise
                 log.error("Folder %s of %s: %s", folder.name, account.name, e)  # the others go on
             finally:
                 folder_pass.settle()  # every upload started is recorded, whatever happened
+
+
+def _selected(folder: str, selection: Windows | Redo | None) -> bool:
+    if isinstance(selection, Windows) and selection.folders:
+        return matches_any(folder, selection.folders)
+    if isinstance(selection, Redo):
+        return folder in selection.targets
+    return True
 
 
 def _unchanged(row: FolderRow, status: FolderStatus) -> bool:
@@ -192,6 +360,10 @@ def _missing(routes: list[routing.Route], known: Known | None) -> list[routing.R
     return out
 
 
+#: For `verify`: is a known message's coverage enough for these routes?
+uncovered_routes = _missing
+
+
 def _state_of(result: UploadResult) -> State:
     if result.outcome is Outcome.UPLOADED:
         return State.UPLOADED
@@ -206,19 +378,26 @@ class _FolderPass:
     """One folder's pass: plan from headers, fetch what must go, upload, move the cursor."""
 
     def __init__(self, source: ImapSource, row: FolderRow, ledger: Ledger, pool: UploadPool,
-                 settings: Settings, owner: str | None, counts: Counts, stop: threading.Event | None = None):
+                 settings: Settings, owner: str | None, counts: Counts, stop: threading.Event | None = None,
+                 opts: _Options = _Options()):
         self.source, self.row, self.ledger, self.pool = source, row, ledger, pool
         self.settings, self.owner, self.counts, self.stop = settings, owner, counts, stop
+        self.opts, self.dry, self.progress = opts, opts.dry_run, opts.progress
         self.name = row.name
         self.uidvalidity = 0
         self.final: dict[int, bool] = {}
         self.in_flight: Counter[str] = Counter()  # message key -> uploads running
         self.results: list[Done] = []  # answered uploads not yet written to the ledger
+        self.fetcher = BodyPrefetcher(lambda: source, 0)  # inline unless the pass gives a shared one
 
     def run(self) -> None:
+        if self.progress is not None:
+            self.progress.folder(self.name)
         status = self.source.status(self.name)
-        if _unchanged(self.row, status):
-            return  # nothing new: STATUS was enough
+        selection = self.opts.selection
+        if _unchanged(self.row, status) and not isinstance(selection, Redo) \
+                and not (self.dry is not None and selection is not None):
+            return  # nothing new: STATUS was enough (every UID up to the cursor is final, rule 3)
         self.uidvalidity = self.source.examine(self.name)
         last_uid = self.row.last_uid
         if self.row.uidvalidity != self.uidvalidity:
@@ -227,24 +406,100 @@ class _FolderPass:
                             "(known messages are not uploaded again)", self.name, self.row.uidvalidity,
                             self.uidvalidity)
             last_uid = 0
-            self.ledger.update_folder(self.row.id, uidvalidity=self.uidvalidity, last_uid=0)
+            if self.dry is None:
+                self.ledger.update_folder(self.row.id, uidvalidity=self.uidvalidity, last_uid=0)
+        if isinstance(selection, Windows):
+            self._run_windows(selection, status, last_uid)
+        elif isinstance(selection, Redo):
+            self._run_redo(selection, status, last_uid)
+        else:
+            self._run_new(status, last_uid)
+
+    def _run_new(self, status: FolderStatus, last_uid: int) -> None:
+        """Continuous sync: every UID above the cursor; the cursor follows each batch."""
         uids = self.source.uids_after(last_uid, self.name)
-        done = self.ledger.sightings(self.row.id, self.uidvalidity, uids)  # final copies from an interrupted pass
-        todo = [u for u in uids if not (u in done and done[u].final)]
-        self.final = {u: True for u in uids if u not in todo}
+        handled, finished = self._work(uids, after_batch=lambda: self._advance(uids, last_uid, None))
+        self.settle()
+        self._advance(uids, last_uid, status.uidnext if finished else None)
+        if handled and finished:
+            log.info("Folder %s: %d new message(s) handled", self.name, handled)
+
+    def _run_windows(self, selection: Windows, status: FolderStatus, last_uid: int) -> None:
+        """Backfill: one date window at a time, so uploads start after the first small SEARCH.
+
+        UIDs at or below the cursor are final already (rule 3) and are not searched for
+        again. The cursor is moved at the end, from the ledger, over the contiguous run
+        of final UIDs above it: a window never moves it past a UID it did not handle.
+        """
+        oldest = None if selection.since else self.source.first_date(self.name)
+        handled, finished = 0, True
+        for since, before in selection.ranges(oldest, date.today()):
+            found = self.source.uids_in_window(self.name, since, before)
+            uids = [u for u in found if u > last_uid]
+            if self.dry is not None and len(uids) < len(found):
+                self.dry.already(len(found) - len(uids))  # at or below the cursor: final (rule 3)
+            if selection.newest_first:
+                uids.reverse()
+            n, finished = self._work(uids)
+            handled += n
+            if not finished:
+                break
+        self.settle()
+        if self.dry is None:
+            self._advance_checked(last_uid, status.uidnext)
+        if handled:
+            log.info("Folder %s: %d message(s) handled%s", self.name, handled, "" if finished else " (stopped)")
+
+    def _run_redo(self, selection: Redo, status: FolderStatus, last_uid: int) -> None:
+        """Retry: the target copies again by UID; a copy whose UID is gone is looked for by
+        its Message-ID, and the old sighting takes the outcome of the copy found."""
+        targets = selection.targets.get(self.name, ())
+        current = [t for t in targets if t.uidvalidity == self.uidvalidity]
+        present = set(self.source.present([t.uid for t in current], self.name))
+        uids = set(present)
+        moved: dict[int, list[Target]] = {}
+        for t in targets:
+            if t.uidvalidity == self.uidvalidity and t.uid in present:
+                continue
+            found = self.source.uids_by_message_id(t.message_id, self.name) if t.message_id else []
+            if not found:
+                log.warning("Folder %s: uid %d (%s) is gone and was not found by Message-ID", self.name, t.uid,
+                            t.message_id or "no Message-ID")
+                self.counts.add(State.FAILED)
+                continue
+            uids.update(found)
+            moved.setdefault(found[0], []).append(t)
+        self._work(sorted(uids), redo=selection.states)
+        self.settle()
+        states = self.ledger.sightings(self.row.id, self.uidvalidity, list(moved))
+        for uid, olds in moved.items():
+            state = states.get(uid)
+            if state is not None and state.final and state not in selection.states:
+                for t in olds:
+                    self.ledger.set_sighting_state(self.row.id, t.uidvalidity, t.uid, state, f"found_again_uid_{uid}")
+        self._advance_checked(last_uid, status.uidnext)
+
+    def _work(self, uids: list[int], redo: frozenset[State] = frozenset(),
+              after_batch: Callable[[], None] | None = None) -> tuple[int, bool]:
+        """Handle the copies at `uids`, in order, that are not final yet (or final in a
+        `redo` state). Copies made final by an interrupted pass are not redone. Returns
+        (copies taken on, False if stopped before the end)."""
+        done = self.ledger.sightings(self.row.id, self.uidvalidity, uids) if self.row.id else {}
+        todo = [u for u in uids if not (u in done and done[u].final and done[u] not in redo)]
+        if len(todo) < len(uids):
+            taken = set(todo)
+            self.final.update({u: True for u in uids if u not in taken})
+            if self.dry is not None:
+                self.dry.already(len(uids) - len(todo))
         for i in range(0, len(todo), self.settings.batch_messages):
             if self.stop is not None and self.stop.is_set():
-                self.settle()
-                self._advance(uids, last_uid, None)
-                return
+                return i, False
             self._handle(self._plan(todo[i:i + self.settings.batch_messages]))
             self._record(self.pool.collect())
             self._flush()
-            self._advance(uids, last_uid, None)
-        self.settle()
-        self._advance(uids, last_uid, status.uidnext)
-        if todo:
-            log.info("Folder %s: %d new message(s) handled", self.name, len(todo))
+            if after_batch is not None:
+                after_batch()
+        return len(todo), True
 
     # ----- planning from headers --------------------------------------------------
 
@@ -261,7 +516,7 @@ class _FolderPass:
                 p.state, p.reason = State.SKIPPED, "too_large"
             planned.append(p)
         for uid in set(uids) - {p.uid for p in planned}:  # expunged meanwhile: nothing to archive
-            self.final[uid] = True
+            self._settled(uid, None, 0)
         # Copies of messages whose upload is still running are decided when it has settled.
         self._settle_keys({p.key for p in planned if p.key})
         known = self.ledger.lookup(p.key for p in planned if p.key and p.state is None)
@@ -273,16 +528,20 @@ class _FolderPass:
     # ----- acting ---------------------------------------------------------------------
 
     def _handle(self, planned: list[_Planned]) -> None:
+        if self.dry is not None:
+            self._dry_run(planned)
+            return
         self._record_decided([p for p in planned if p.state is not None])
         wanted = {p.uid: p for p in planned if p.state is None}
         sizes = [(uid, p.info.size) for uid, p in wanted.items()]
-        for uid_batch in batches(sizes, self.settings.batch_bytes, self.settings.batch_messages):
-            bodies = self.source.fetch_bodies(uid_batch, self.name)
+        fetched = self.fetcher.bodies(self.source, self.name, self.uidvalidity,
+                                      batches(sizes, self.settings.batch_bytes, self.settings.batch_messages))
+        for uid_batch, bodies in fetched:
             items: list[tuple[_Planned, bytes]] = []
             for uid in uid_batch:
                 raw = bodies.pop(uid, None)
                 if raw is None:  # expunged between the header and body fetch
-                    self.final[uid] = True
+                    self._settled(uid, None, 0)
                     continue
                 p = wanted[uid]
                 if p.key is None:
@@ -314,7 +573,7 @@ class _FolderPass:
                                                      reason=p.reason, overwrite=False)
                 sightings.append(Sighting(p.uid, p.info.size, p.state, ref, p.info.message_id, p.reason))
                 self.counts.add(p.state)
-                self.final[p.uid] = True
+                self._settled(p.uid, p.state, p.info.size)
             self.ledger.record_sightings(c, self.row.id, self.uidvalidity, sightings)
 
     def _start(self, items: list[tuple[_Planned, bytes]]) -> None:
@@ -331,7 +590,7 @@ class _FolderPass:
             p.ref = known[p.key].id
             sightings.append(Sighting(p.uid, p.info.size, State.DUPLICATE, p.ref, p.info.message_id))
             self.counts.add(State.DUPLICATE)
-            self.final[p.uid] = True
+            self._settled(p.uid, State.DUPLICATE, p.info.size)
         with self.ledger.tx() as c:
             ids = self.ledger.pending_messages(c, [
                 dict(key=p.key, message_id=p.info.message_id, size=len(raw), date=p.info.date,
@@ -349,6 +608,21 @@ class _FolderPass:
                 self._record(self.pool.collect())  # keep results flowing while submitting
                 self.pool.submit(Job(UploadRequest(p.key, route.tenant, tuple(sorted(route.vaults)),  # type: ignore[arg-type]
                                                    route.sender, payload), copy))
+
+    def _dry_run(self, planned: list[_Planned]) -> None:
+        """Say what would happen to each copy; fetch no body and write nothing."""
+        known = self.ledger.lookup(p.key for p in planned if p.key and p.state is None)
+        for p in planned:
+            entry = {"account": self.opts.account, "folder": self.name, "uid": p.uid,
+                     "message_id": p.info.message_id, "date": p.info.date, "size": p.info.size}
+            self.dry.decide(entry, p, known.get(p.key) if p.key else None)  # type: ignore[union-attr]
+            self._settled(p.uid, p.state or State.UPLOADED, p.info.size)
+
+    def _settled(self, uid: int, state: State | None, size: int) -> None:
+        """A copy reached its state in this run (None: it vanished before it could be read)."""
+        self.final[uid] = state is None or state.final
+        if self.progress is not None:
+            self.progress.handled(state, size)
 
     # ----- results ----------------------------------------------------------------------
 
@@ -411,7 +685,7 @@ class _FolderPass:
             self.ledger.record_failure(c, copy.ref, state=State.PENDING, reason=copy.reason or "tenant_unavailable",
                                        error=copy.detail, attempts=0)
         self.counts.add(state, copy.payload.size)
-        self.final[p.uid] = state.final
+        self._settled(p.uid, state, p.info.size)
         copy.payload.discard()
         return Sighting(p.uid, p.info.size, state, copy.ref, p.info.message_id,
                         None if state is State.UPLOADED else copy.reason)
@@ -432,7 +706,17 @@ class _FolderPass:
             values["uidnext"] = uidnext
             if complete:
                 values["last_uid"] = max(cursor, uidnext - 1)
-        self.ledger.update_folder(self.row.id, **values)
+        if self.dry is None:
+            self.ledger.update_folder(self.row.id, **values)
+
+    def _advance_checked(self, last_uid: int, uidnext: int) -> None:
+        """After a selection (windows, retry): move the cursor over the contiguous run of
+        UIDs above it that the ledger holds as final, and no further (rule 3)."""
+        uids = self.source.uids_after(last_uid, self.name)
+        states = self.ledger.sightings(self.row.id, self.uidvalidity, uids)
+        self.final.update({u: True for u, st in states.items() if st.final})
+        self._advance(uids, last_uid, uidnext)
 
 
-__all__ = ["sync_account", "Settings", "TenantGate", "AccountResult", "Counts"]
+__all__ = ["sync_account", "Settings", "TenantGate", "AccountResult", "Counts", "Windows", "Redo", "Target",
+           "DryRun", "ProgressHook"]

@@ -272,7 +272,7 @@ def test_a_connection_cut_mid_fetch_reconnects_and_finishes(new_mailbox, receive
         alice.deliver(raw)
     with FaultProxy(dovecot.host, dovecot.port, cut_after=60_000) as proxy:  # inside the body FETCH
         env.write([env.account(alice, port=proxy.port)], endpoint=receiver.url,
-                  fetch={"reconnect_backoff": 0.05, "batch_bytes": 50_000})
+                  fetch={"reconnect_backoff": 0.05, "batch_bytes": 50_000, "connections": 1})
         code, out, err = env.sync()
         assert proxy.faults == 1 and proxy.connections == 2
     assert code == 0, out + err
@@ -288,8 +288,26 @@ def test_a_stalled_server_times_out_and_the_pass_reconnects(new_mailbox, receive
         alice.deliver(message(to=alice.user, subject=f"m{i}", body="w" * 10_000))
     with FaultProxy(dovecot.host, dovecot.port, stall_after=20_000) as proxy:
         env.write([env.account(alice, port=proxy.port, timeout=1)], endpoint=receiver.url,
-                  fetch={"reconnect_backoff": 0.05})
+                  fetch={"reconnect_backoff": 0.05, "connections": 1})
         code, out, err = env.sync()
         assert proxy.faults == 1
     assert code == 0, out + err
     assert len(receiver.uploads()) == 3
+
+
+def test_a_cut_on_a_body_fetch_connection_is_recovered(new_mailbox, receiver, env, dovecot):
+    """With several connections per account, bodies come over the extra ones: cut one."""
+    from imapsync.testing.fault_proxy import FaultProxy
+    alice = new_mailbox("alice")
+    raws = [message(to=alice.user, subject=f"m{i}", body="q" * 20_000) for i in range(12)]
+    for raw in raws:
+        alice.deliver(raw)
+    # The header connection moves a few KB; each body connection passes 60 KB within two batches.
+    with FaultProxy(dovecot.host, dovecot.port, cut_after=60_000, faulty_connections=4) as proxy:
+        env.write([env.account(alice, port=proxy.port)], endpoint=receiver.url,
+                  fetch={"reconnect_backoff": 0.05, "batch_bytes": 50_000, "connections": 4})
+        code, out, err = env.sync()
+        assert proxy.faults >= 1 and proxy.connections > 4
+    assert code == 0, out + err
+    stored = sorted((receiver.store / f"{u['uploadId']}.eml").read_bytes() for u in receiver.uploads())
+    assert stored == sorted(raws)
