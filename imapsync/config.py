@@ -256,7 +256,7 @@ class Sdk(Strict):
 
 
 class Fetch(Strict):
-    batch_bytes: ByteSize = 16 * 1024 * 1024
+    batch_bytes: ByteSize = 8 * 1024 * 1024
     batch_messages: int = Field(default=500, ge=1)
     parallel_accounts: int = Field(default=8, ge=1, le=256)  # accounts synced side by side in a pass
     connections: int = Field(default=4, ge=1, le=32)  # per account: 1 for headers + bodies fetched ahead
@@ -270,8 +270,8 @@ class Schedule(AccountSchedule):
     jitter: Duration = 30.0  # each run starts up to this much later, so accounts spread out
     misfire_grace: Duration = 300.0  # a run later than this (e.g. after a suspend) is skipped
     timezone: str | None = None  # for cron expressions; default: the machine's zone
-    max_connections: int = Field(default=20, ge=1, le=10_000)  # IMAP syncs at once, in all
-    max_connections_per_host: int = Field(default=10, ge=1, le=10_000)  # ... and per server
+    max_connections: int = Field(default=20, ge=1, le=10_000)  # IMAP connections of passes at once, in all
+    max_connections_per_host: int = Field(default=10, ge=1, le=10_000)  # ... and to one server
     backoff_initial: Duration = 60.0  # an account that failed waits this long, doubling
     backoff_max: Duration = 3600.0  # ... up to this
     throttle_backoff: Duration = 300.0  # when a server says it is throttling without a time
