@@ -11,6 +11,7 @@ reason.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import shutil
 import tempfile
@@ -94,12 +95,18 @@ def write_config(directory: Path, imap_port: int, endpoint: str, api_key: str) -
     files = {f"{user.split('@')[0]}.password": password for user, password in USERS.items()}
     files["receiver.key"] = api_key
     for name, secret in files.items():
-        p = secrets_dir / name
-        p.touch(mode=0o600)
-        p.write_text(secret + "\n")
+        _write_private(secrets_dir / name, secret + "\n")
     path = directory / "config.yaml"
-    path.write_text("# Written by `imapsync demo`.\n" + yaml.safe_dump(data, sort_keys=False))
+    _write_private(path, "# Written by `imapsync demo`.\n" + yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only its owner may read (0600), also when it exists already."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def run_demo(keep: Path | None, console: Console) -> int:

@@ -21,6 +21,7 @@ class ExitCode(IntEnum):
     UPLOAD_FAILED = 5  # some messages failed (after retries) or could not be uploaded
     NO_PRIMARY_RECIPIENT = 6
     ACCOUNT_FAILED = 7  # some accounts could not be synced (login, connection, TLS)
+    INCOMPLETE = 8  # `verify`: some messages in the mailbox are not accounted for in the ledger
 
 
 class ImapsyncError(Exception):
@@ -56,6 +57,7 @@ class SourceErrorKind:
     TLS = "tls_error"
     TIMEOUT = "timeout"
     PROTOCOL = "protocol_error"  # the server refused a command (NO/BAD)
+    THROTTLED = "throttled"  # the server asked us to come back later ([THROTTLED], [UNAVAILABLE])
 
     #: Kinds after which a new connection may well succeed.
     RECONNECTABLE = frozenset({"unreachable", "timeout"})
@@ -68,6 +70,7 @@ class SourceError(ImapsyncError):
     kind: str
     detail: str
     folder: str | None = None
+    retry_after: float | None = None  # seconds the server asked us to wait, when it said so
 
     def __post_init__(self) -> None:
         super().__init__(f"{self.kind}: {self.detail}")

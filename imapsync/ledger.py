@@ -630,7 +630,8 @@ class Ledger:
                     where = sa.and_(col.is_not(None), ~sa.exists().where(target == col))
                     n = c.execute(sa.select(sa.func.count()).select_from(table).where(where)).scalar_one()
                     if n:
-                        rows = c.execute(sa.select(*keys, col).where(where).limit(limit)).mappings().all()
+                        cols = [k for k in keys if k.name != col.name] + [col]
+                        rows = c.execute(sa.select(*cols).where(where).limit(limit)).mappings().all()
                         out.append((f"{name}.{col.name}", target.table.name, n, [dict(r) for r in rows]))
         return out
 

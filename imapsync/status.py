@@ -18,7 +18,11 @@ SHOWN_PROBLEMS = 20
 
 def report(ledger: Ledger, account: str | None = None) -> dict:
     accounts = ledger.status(account)
+    backoffs = ledger.backoffs()
     for acc in accounts:
+        failures, until = backoffs.get(acc["account"], (0, None))
+        acc["failures"] = failures  # failed passes in a row (imapsync run backs off)
+        acc["backoff_until"] = until.replace(tzinfo=timezone.utc).isoformat(timespec="seconds") if until else None
         totals = {s.value: 0 for s in State}
         for f in acc["folders"]:
             for k, v in f["counts"].items():
@@ -26,7 +30,9 @@ def report(ledger: Ledger, account: str | None = None) -> dict:
             f["lag_seconds"] = _age(f["last_sync_at"])
         acc["counts"] = totals
     problems = ledger.problems(account)
-    return {"accounts": accounts, "not_archived": problems}
+    # Tenants span accounts: their lines are part of the whole report only (one index scan).
+    tenant_rows = [] if account else ledger.tenant_totals()
+    return {"accounts": accounts, "not_archived": problems, "tenants": tenant_rows}
 
 
 def _age(iso: str | None) -> int | None:
@@ -67,6 +73,9 @@ def render(data: dict, console: Console) -> None:
                           highlight=False)
         if acc["last_error"]:
             console.print(f"  [red]error[/] {_when(acc['last_error_at'])}: {acc['last_error']}", highlight=False)
+        if acc.get("backoff_until") and (_age(acc["backoff_until"]) or 0) <= 0:
+            console.print(f"  backing off until {acc['backoff_until']} ({acc['failures']} failure(s) in a row)",
+                          highlight=False)
         if not acc["folders"]:
             continue
         table = Table(box=None, pad_edge=False, padding=(0, 1))
@@ -80,6 +89,9 @@ def render(data: dict, console: Console) -> None:
                           *(str(n[k]) for k in ("uploaded", "duplicate", "skipped", "failed", "pending")),
                           _when(f["last_sync_at"]) + (f"  [red]{f['last_error']}[/]" if f["last_error"] else ""))
         console.print(table)
+    if data.get("tenants"):
+        console.print()
+        render_tenants(data["tenants"], console)
     problems = data["not_archived"]
     if problems:
         console.print(f"\n[bold]Not archived[/] ({len(problems)}):", highlight=False)
@@ -89,3 +101,106 @@ def render(data: dict, console: Console) -> None:
                           highlight=False, markup=False, soft_wrap=True)
         if len(problems) > SHOWN_PROBLEMS:
             console.print(f"  … and {len(problems) - SHOWN_PROBLEMS} more (see --json)")
+
+
+# ----- the queries: --failed, --runs, --message, and the line per tenant ------------------
+# Their --json field names are stable and documented in the README ("Status queries").
+
+#: What --failed lists: each copy not archived for a reason (pending ones are in `status`).
+FAILED_STATES = (State.FAILED, State.SKIPPED)
+_COPY_FIELDS = ("account", "folder", "uidvalidity", "uid", "message_id", "size", "date", "state", "reason",
+                "attempts", "last_error", "seen_at")
+
+
+def failed(ledger: Ledger, account: str | None = None, reason: str | None = None, limit: int = 1000) -> dict:
+    rows, total = ledger.copies_in_states(FAILED_STATES, account, reason, limit)
+    return {"failed": [{k: r[k] for k in _COPY_FIELDS} for r in rows], "total": total,
+            "truncated": total > len(rows)}
+
+
+def runs(ledger: Ledger, account: str | None = None, kind: str | None = None, limit: int = 50) -> dict:
+    return {"runs": ledger.runs(account, kind, limit)}
+
+
+def message(ledger: Ledger, query: str) -> dict:
+    """Where a message (by Message-ID, with or without <>) was seen and which vaults it reached."""
+    from imapsync.message import message_key, normalize_message_id
+
+    text = query.strip()
+    bare = text[1:-1].strip() if text.startswith("<") and text.endswith(">") else text
+    ids = {text, bare, f"<{bare}>"}
+    key_range = None
+    norm = normalize_message_id(text)
+    if norm:  # the same Message-ID written differently (domain case, spaces) has the same key prefix
+        prefix = message_key(norm, "", "", "").rsplit(":", 1)[0] + ":"
+        key_range = (prefix, prefix + "f" * 12)
+    found = [m for m in ledger.messages_by_id(ids, key_range)
+             if m["message_id"] in ids or (key_range and m["key"].startswith(key_range[0]))]
+    return {"query": query, "messages": found}
+
+
+def tenants(ledger: Ledger) -> list[dict]:
+    return ledger.tenant_totals()
+
+
+def tenant_line(t: dict) -> str:
+    return (f"tenant {t['tenant']}: {t['messages']} messages archived in {t['vaults']} vault(s), "
+            f"{t['deliveries']} deliveries, last upload {_when(t['last_upload_at'])}")
+
+
+def render_tenants(rows: list[dict], console: Console) -> None:
+    for t in rows:
+        console.print(tenant_line(t), highlight=False, markup=False, soft_wrap=True)
+
+
+def render_failed(data: dict, console: Console) -> None:
+    """One line per copy (a table would fold Message-IDs and errors into unreadable columns)."""
+    if not data["failed"]:
+        console.print("No failed or skipped message.")
+        return
+    for r in data["failed"]:
+        line = (f"{r['account']} {r['folder']} uid {r['uid']}: {r['state']} ({r['reason'] or 'no reason recorded'}), "
+                f"{r['attempts'] or 0} attempt(s), {r['size']} bytes, dated {r['date'] or '?'}  "
+                f"{r['message_id'] or '(no Message-ID)'}")
+        if r["last_error"]:
+            line += f"  last error: {r['last_error']}"
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+    if data["truncated"]:
+        console.print(f"… {data['total'] - len(data['failed'])} more (use --limit or --json)")
+
+
+def render_runs(data: dict, console: Console) -> None:
+    if not data["runs"]:
+        console.print("No run yet.")
+        return
+    table = Table(box=None, pad_edge=False, padding=(0, 1))
+    for col in ("id", "kind", "account", "started", "duration", "outcome", "uploaded", "duplicate", "skipped",
+                "failed", "pending", "bytes", "error"):
+        table.add_column(col, justify="right" if col in ("id", "uploaded", "duplicate", "skipped", "failed",
+                                                          "pending", "bytes") else "left", overflow="fold")
+    for r in data["runs"]:
+        duration = r["duration_seconds"]
+        table.add_row(str(r["id"]), r["kind"], r["account"], r["started_at"] or "",
+                      f"{duration:.1f}s" if duration is not None else "running", r["outcome"] or "running",
+                      *(str(r[k]) for k in ("uploaded", "duplicate", "skipped", "failed", "pending", "bytes")),
+                      r["error"] or "")
+    console.print(table)
+
+
+def render_message(data: dict, console: Console) -> None:
+    if not data["messages"]:
+        console.print(f"{data['query']}: not in the ledger", highlight=False, markup=False)
+        return
+    for m in data["messages"]:
+        console.print(f"{m['message_id'] or m['key']}: {m['state']}"
+                      f"{' (' + m['reason'] + ')' if m['reason'] else ''}, {m['size']} bytes, dated {m['date']}, "
+                      f"first seen {m['first_seen_at']}", highlight=False, markup=False, soft_wrap=True)
+        for s in m["sightings"]:
+            console.print(f"  seen in {s['account']} {s['folder']} uid {s['uid']} (uidvalidity {s['uidvalidity']}): "
+                          f"{s['state']}{' (' + s['reason'] + ')' if s['reason'] else ''} at {s['seen_at']}",
+                          highlight=False, markup=False, soft_wrap=True)
+        for d in m["deliveries"]:
+            console.print(f"  reached vault {d['vault']} (tenant {d['tenant']}) at {d['delivered_at']}, "
+                          f"upload {d['upload_id']}", highlight=False, markup=False, soft_wrap=True)
+        if not m["deliveries"]:
+            console.print("  reached no vault", highlight=False)

@@ -40,7 +40,7 @@ from imapsync.config import Account
 from imapsync.errors import SourceError, SourceErrorKind
 from imapsync.imap_source import FolderStatus, ImapSource, batches, matches_any
 from imapsync.ledger import Acknowledged, FolderRow, Known, Ledger, Sighting, State, now
-from imapsync.message import MessageInfo, fingerprint
+from imapsync.message import MessageInfo, fingerprint, normalize_message_id
 from imapsync.prefetch import BodyPrefetcher
 from imapsync.sinks.base import Outcome, Payload, UploadRequest, UploadResult
 from imapsync.upload_pool import Done, Job, TenantGate, UploadPool
@@ -431,7 +431,7 @@ class _FolderPass:
         again. The cursor is moved at the end, from the ledger, over the contiguous run
         of final UIDs above it: a window never moves it past a UID it did not handle.
         """
-        oldest = None if selection.since else self.source.first_date(self.name)
+        oldest = None if selection.since or not status.messages else self.source.first_date(self.name)
         handled, finished = 0, True
         for since, before in selection.ranges(oldest, date.today()):
             found = self.source.uids_in_window(self.name, since, before)
@@ -461,7 +461,7 @@ class _FolderPass:
         for t in targets:
             if t.uidvalidity == self.uidvalidity and t.uid in present:
                 continue
-            found = self.source.uids_by_message_id(t.message_id, self.name) if t.message_id else []
+            found = self._find_by_message_id(t.message_id) if t.message_id else []
             if not found:
                 log.warning("Folder %s: uid %d (%s) is gone and was not found by Message-ID", self.name, t.uid,
                             t.message_id or "no Message-ID")
@@ -478,6 +478,14 @@ class _FolderPass:
                 for t in olds:
                     self.ledger.set_sighting_state(self.row.id, t.uidvalidity, t.uid, state, f"found_again_uid_{uid}")
         self._advance_checked(last_uid, status.uidnext)
+
+    def _find_by_message_id(self, message_id: str) -> list[int]:
+        """UIDs in this folder whose Message-ID is exactly `message_id` (SEARCH HEADER
+        matches substrings, so the candidates' headers are read to be sure)."""
+        wanted = normalize_message_id(message_id)
+        candidates = self.source.uids_by_message_id(message_id, self.name)
+        return [h.uid for h in self.source.fetch_headers(candidates, self.name)
+                if wanted and MessageInfo.from_headers(h.header, h.size).normalized_id == wanted] if candidates else []
 
     def _work(self, uids: list[int], redo: frozenset[State] = frozenset(),
               after_batch: Callable[[], None] | None = None) -> tuple[int, bool]:

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from imapsync import routing
-from imapsync.message import MessageInfo, fingerprint, header_block, normalize_message_id
+from imapsync.message import MessageInfo, addresses_in, fingerprint, header_block, normalize_message_id
 
 
 def info(raw: bytes) -> MessageInfo:
@@ -76,3 +76,58 @@ def test_every_vault_is_on_its_tenant_domain(addrs, domain):
     assert rts, "an address on a primary domain always yields a route"
     for r in rts:
         assert r.vaults and all(v.endswith("@" + r.tenant) for v in r.vaults)
+
+
+# ----- issue 7: display names never route, whatever they hold --------------------------------
+
+PRIMARY = {"acme.com": {}, "beta.org": {}}
+local_parts = st.from_regex(r"[a-z0-9][a-z0-9._+-]{0,15}", fullmatch=True)
+real_addresses = st.builds(lambda local, domain: f"{local}@{domain}", local_parts,
+                           st.sampled_from(["x.example", "outside.example", "acme.com", "beta.org"]))
+# Display names that look like addresses on a primary domain, or are arbitrary text.
+display_names = st.one_of(
+    st.builds(lambda local, d: f"{local}@{d}", local_parts, st.sampled_from(["acme.com", "beta.org", "ACME.COM"])),
+    st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters='"\\\r\n'), max_size=40))
+
+
+def _quoted(name: str) -> str:
+    return '"' + name + '"'
+
+
+@settings(max_examples=300, deadline=None)
+@given(display_names, real_addresses, st.booleans())
+def test_a_display_name_is_never_taken_for_the_address(name, addr, quote):
+    plain = "".join(" " if c in ',<>():;"\\' else c for c in name)  # what may stand unquoted
+    shown = _quoted(name) if quote else plain
+    for value in (f"{shown} <{addr}>", f"{shown}<{addr}>", f"{shown} <{addr}> (comment {plain})"):
+        assert addresses_in([value]) == [addr.lower()], value
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(display_names, real_addresses), min_size=1, max_size=8), local_parts)
+def test_address_lists_and_groups_yield_exactly_the_real_addresses(pairs, group):
+    value = ", ".join(f"{_quoted(n)} <{a}>" for n, a in pairs)
+    expected = list(dict.fromkeys(a.lower() for _, a in pairs))
+    assert addresses_in([value]) == expected
+    assert addresses_in([f"{group}: {value};"]) == expected  # an RFC 5322 group
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=300))
+def test_any_header_text_parses_to_valid_lowercase_addresses(value):
+    for addr in addresses_in([value]):
+        assert addr == addr.lower() and addr.count("@") == 1 and " " not in addr and "<" not in addr
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(display_names, real_addresses), max_size=6),
+       st.sampled_from([None, "owner@acme.com", "owner@beta.org"]))
+def test_vaults_are_real_primary_addresses_or_the_owner_never_display_names(pairs, owner):
+    raw = ("To: " + ", ".join(f"{_quoted(n)} <{a}>" for n, a in pairs) + "\r\n\r\nbody").encode()
+    i = info(raw)
+    rts = routing.routes(i.addresses, i.sender, owner, PRIMARY)
+    real = {a.lower() for _, a in pairs} | ({owner} if owner else set())
+    vaults = {v for r in rts for v in r.vaults}
+    assert vaults == {a for a in real if a.rpartition("@")[2] in PRIMARY}
+    for r in rts:
+        assert all(v.endswith("@" + r.tenant) for v in r.vaults)

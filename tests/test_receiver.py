@@ -358,3 +358,24 @@ def test_main_serves_until_sigterm(tmp_path: Path) -> None:
         proc.kill() if proc.poll() is None else None
     assert proc.returncode == 0
     assert KEY not in line + out + err
+
+
+def test_scripted_ok_skips_random_faults_and_slow_answers_late(tmp_path: Path, http: requests.Session) -> None:
+    """Words for fault mixes (issue 7): "ok" answers normally even at fail_rate 1; "slow"
+    answers normally after slow_ms, so a client with a shorter timeout gives up first."""
+    with Receiver(tmp_path, api_key=KEY, fail_rate=1.0, slow_ms=600) as rx:
+        rx.script("ok", "slow")
+        body = request_body()
+        assert post(http, rx, body).status_code == 201
+        with pytest.raises(requests.Timeout):
+            http.post(f"{rx.url}/v1/uploads", json=body, headers={"x-api-key": KEY}, timeout=0.2)
+        assert post(http, rx, body).status_code == 500  # the script is spent: random faults again
+        rx.script("ok")
+        url = post(http, rx, body).json()["uploadUrl"]
+        rx.script_put("slow")
+        with pytest.raises(requests.Timeout):
+            http.put(url, data=MAIL, headers={"Content-Type": "message/rfc822"}, timeout=0.2)
+        r = put(http, url)  # the slow PUT completed meanwhile, or this one does: stored once either way
+        assert r.status_code == 200 and len(rx.uploads()) == 1
+    with pytest.raises(ValueError):
+        rx.script("fast")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import NewConnectionError
 from tenacity import RetryCallState, Retrying, retry_if_result, stop_after_attempt, stop_after_delay
 from tenacity.wait import wait_random_exponential
 
@@ -75,6 +76,21 @@ class VaultasticSink:
         except requests.RequestException:
             return False
 
+    def check_key(self) -> tuple[bool | None, str]:
+        """Is the API key accepted? Asks for a slot with an empty (invalid) request, which
+        can never upload anything: the key is checked before the body, so 400 means the
+        key was accepted and 401/403 that it was refused. (True/False/None = unknown, why)."""
+        try:
+            r = self.session.post(f"{self.endpoint}/v1/uploads", json={}, timeout=self.timeout,
+                                  headers={"x-api-key": self._api_key})
+        except requests.RequestException as e:
+            return None, f"cannot reach {self.endpoint}: {_why(e)}"
+        if r.status_code in (401, 403):
+            return False, f"the API refused the key (HTTP {r.status_code})"
+        if r.status_code == 400:
+            return True, "key accepted (an empty upload request was refused as malformed, as it should be)"
+        return None, f"unexpected answer HTTP {r.status_code} to an empty upload request"
+
     # ----- one HTTP attempt, and attempts with retries ----------------------------
 
     def _attempt(self, method: str, url: str, request: UploadRequest | None = None, **kwargs) -> Answer:
@@ -123,9 +139,13 @@ class VaultasticSink:
                                                headers={"x-api-key": self._api_key})
             attempts += tries
             if isinstance(answer, requests.RequestException):
-                if isinstance(answer, requests.ConnectionError) and not isinstance(answer, requests.Timeout):
+                if _cannot_connect(answer):
                     return UploadResult(Outcome.UNREACHABLE, attempts, reason="unreachable",
                                         detail=f"cannot reach {self.endpoint}: {_why(answer)}")
+                if isinstance(answer, requests.ConnectionError) and not isinstance(answer, requests.Timeout):
+                    return UploadResult(Outcome.FAILED, attempts, reason="connection_lost",
+                                        detail=f"{self.endpoint} closed the connection without an answer "
+                                               f"({tries} attempts)")
                 return UploadResult(Outcome.FAILED, attempts, reason="timeout",
                                     detail=f"no answer from {self.endpoint} after {tries} attempts")
             status, data = answer.status_code, _json(answer)
@@ -162,6 +182,19 @@ class VaultasticSink:
                                 detail=f"message upload answered HTTP {answer.status_code} after {tries} attempts"), tries
         return UploadResult(Outcome.PERMANENT, reason=f"http_{answer.status_code}",
                             detail=_detail(data, answer.status_code)), tries
+
+
+def _cannot_connect(e: requests.RequestException) -> bool:
+    """No connection could be made at all (refused, no route, unknown host, TLS or proxy
+    refused): the endpoint is unreachable. A connection that the server closed or reset after
+    the request was sent is not: the endpoint is up and the message failed (design rule 6),
+    and the tenant stays open for the other messages."""
+    if not isinstance(e, requests.ConnectionError) or isinstance(e, requests.Timeout):
+        return False
+    if isinstance(e, (requests.exceptions.SSLError, requests.exceptions.ProxyError)):
+        return True
+    cause = e.args[0] if e.args else None
+    return isinstance(getattr(cause, "reason", cause), NewConnectionError)
 
 
 def _transient(answer: Answer) -> bool:

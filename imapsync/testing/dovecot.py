@@ -288,8 +288,12 @@ class Dovecot:
         """True when the dovecot and doveadm binaries are installed."""
         return _find_binary("dovecot") is not None and _find_binary("doveadm") is not None
 
-    def start(self) -> Self:
-        """Write the config and certificate, start the server, wait until it greets."""
+    def start(self, ports: tuple[int, int] | None = None) -> Self:
+        """Write the config and certificate, start the server, wait until it greets.
+
+        ``ports`` (plain, implicit TLS) instead of free ones: to bring a server back on
+        the ports its clients know, e.g. a new ``Dovecot(root=old.root)`` after ``stop()``.
+        """
         if self._proc is not None:
             raise DovecotError("already started")
         if self._stopped:
@@ -308,8 +312,8 @@ class Dovecot:
         (self.root / "run" / "anvil-auth-penalty").unlink(missing_ok=True)
 
         last_error: DovecotError | None = None
-        for _attempt in range(3):  # another process may grab a port we picked
-            self.port, self.ssl_port = _free_ports(self.host, 2)
+        for _attempt in range(3 if ports is None else 1):  # another process may grab a port we picked
+            self.port, self.ssl_port = ports or _free_ports(self.host, 2)
             self._write_conf()
             offsets = {path: _size(path) for path in (self.log_path, self._stdout_path)}
             atexit.register(self.stop)  # in case the caller loses us before stop()
