@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     poll_seconds: float | None = None
     scratch = Path(tempfile.mkdtemp(prefix="imapsync-bench-"))
+    scratch.chmod(0o755)  # getmail delivers as nobody when run as root: it must reach its Maildir
     with Dovecot() as dovecot:
         dovecot.add_user(USER, PASSWORD)
         t0 = time.perf_counter()
