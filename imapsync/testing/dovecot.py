@@ -59,8 +59,9 @@ import time
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
-from types import TracebackType
 from typing import Self
+
+from imapsync.testing import Running
 
 __all__ = ["Dovecot", "DovecotError", "encode_mutf7"]
 
@@ -241,7 +242,7 @@ def _folder_parts(folder: str) -> list[str]:
     return parts
 
 
-class Dovecot:
+class Dovecot(Running):
     """A private Dovecot instance: ``with Dovecot() as server: ...``.
 
     Attributes after ``start()``: ``host``, ``port`` (plain IMAP), ``ssl_port``
@@ -351,17 +352,6 @@ class Dovecot:
         self._terminate()
         if self._owns_root:
             shutil.rmtree(self.root, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"Dovecot(root={str(self.root)!r}, port={self.port}, ssl_port={self.ssl_port})"

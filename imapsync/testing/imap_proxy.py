@@ -24,8 +24,9 @@ import re
 import socket
 import threading
 from collections.abc import Callable
-from types import TracebackType
 from typing import Self
+
+from imapsync.testing import Running
 
 __all__ = ["CommandRecorder"]
 
@@ -84,7 +85,7 @@ class _CommandParser:
             self.opaque = True
 
 
-class CommandRecorder:
+class CommandRecorder(Running):
     """``with CommandRecorder(host, port) as proxy:`` connect clients to
     ``(proxy.host, proxy.port)``; read ``proxy.commands`` / ``proxy.count(name)``.
     """
@@ -151,17 +152,6 @@ class CommandRecorder:
         name = " ".join(name.upper().split())
         with self._lock:
             return sum(1 for command in self._commands if command == name)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"CommandRecorder({self.host}:{self.port} -> {self.upstream[0]}:{self.upstream[1]})"

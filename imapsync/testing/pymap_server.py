@@ -27,7 +27,6 @@ import threading
 from argparse import Namespace
 from collections.abc import Iterable
 from datetime import datetime
-from types import TracebackType
 from typing import Self
 
 from proxyprotocol.reader import ProxyProtocolReader
@@ -37,6 +36,7 @@ from pymap.imap import IMAPServer
 from pymap.user import UserMetadata
 from pysasl.hashing import Cleartext
 
+from imapsync.testing import Running
 from imapsync.testing.dovecot import encode_mutf7
 
 __all__ = ["PymapServer"]
@@ -45,7 +45,7 @@ _START_TIMEOUT = 10.0
 _STOP_TIMEOUT = 5.0
 
 
-class PymapServer:
+class PymapServer(Running):
     """``with PymapServer({"alice": "pw"}) as server:`` -> ``server.host``, ``server.port``."""
 
     host: str = "127.0.0.1"
@@ -90,17 +90,6 @@ class PymapServer:
             thread.join(_STOP_TIMEOUT)
             if thread.is_alive():
                 raise RuntimeError("pymap server thread did not stop")
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"PymapServer({self.host}:{self.port}, users={sorted(self.users)})"
