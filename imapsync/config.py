@@ -609,4 +609,5 @@ def _warn_if_exposed(path: Path, config: Config) -> None:
     if readable and inline:
         log.warning("%s: readable by every user of this machine and holds %s inline (%s); "
                     "chmod 600 %s, or give secrets as {env: NAME} or {file: PATH}",
-                    path, "a secret" if len(inline) == 1 else "secrets", ", ".join(inline), path)
+                    path, "a secret" if len(inline) == 1 else "secrets",
+                    ", ".join(inline[:3]) + (f" and {len(inline) - 3} more" if len(inline) > 3 else ""), path)
