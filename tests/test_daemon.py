@@ -122,7 +122,8 @@ def test_receiver_down_for_a_while_nothing_lost_or_doubled(new_mailbox, env, tmp
             print(f"receiver back -> 3 pending uploaded in {time.monotonic() - t0:.2f}s")
             got = subjects(back)
             assert got == Counter({s: 1 for s in ("before 0", "before 1", "during 0", "during 1", "during 2")})
-            assert env.sql("SELECT state, count(*) FROM sightings GROUP BY state") == [("uploaded", 5)]
+            wait_for(lambda: env.sql("SELECT state, count(*) FROM sightings GROUP BY state") == [("uploaded", 5)],
+                     10, "the ledger to record the five uploads")
             assert back.stats["posts"] == 3  # each pending message asked once, none of the others again
     assert daemon.proc.returncode == 0
 
@@ -427,7 +428,7 @@ def test_sighup_reloads_the_config_without_dropping_work_in_flight(new_mailbox, 
     for i in range(n):
         alice.deliver(message(to=alice.user, subject=f"a{i}"))
     bob.deliver(message(to=bob.user, subject="bob added by reload"))
-    with Receiver(tmp_path / "store", api_key=API_KEY, latency_ms=200) as slow:
+    with Receiver(tmp_path / "store", api_key=API_KEY, latency_ms=600) as slow:  # alice's pass: ~6 s
         upload = {"concurrency": 1, "max_attempts": 3, "backoff_factor": 0.01, "timeout": 10}
         first = env.account(alice, schedule={"every": "1h"})
         second = env.account(bob, schedule={"every": "1s"})  # its password is in the daemon's environment
@@ -451,10 +452,10 @@ def test_sighup_reloads_the_config_without_dropping_work_in_flight(new_mailbox, 
 
 def test_sync_leaves_an_account_the_daemon_is_working_on(new_mailbox, env, tmp_path):
     alice = new_mailbox("alice")
-    n = 8
+    n = 12
     for i in range(n):
         alice.deliver(message(to=alice.user, subject=f"l{i}"))
-    with Receiver(tmp_path / "store", api_key=API_KEY, latency_ms=300) as slow:
+    with Receiver(tmp_path / "store", api_key=API_KEY, latency_ms=600) as slow:  # the daemon's pass: ~7 s
         env.write([env.account(alice, schedule={"every": "1h"})], endpoint=slow.url, schedule=FAST,
                   fetch={"batch_messages": 2},
                   upload={"concurrency": 1, "max_attempts": 3, "backoff_factor": 0.01, "timeout": 10})
