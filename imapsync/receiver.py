@@ -47,7 +47,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -57,7 +57,7 @@ from typing import Any, BinaryIO
 MAX_SIZE = 50 * 1024 * 1024
 EXPIRES_IN = 900
 API_KEY_ENV = "IMAPSYNC_RECEIVER_API_KEY"
-_CHUNK = 64 * 1024
+_CHUNK = 1024 * 1024
 _MAX_JSON = 1024 * 1024
 _HEX = frozenset("0123456789abcdef")
 # Bodies of scripted integer answers; other statuses get {"error": "<reason_phrase>"}.
@@ -124,6 +124,7 @@ class _Slot:
     upload_id: str
     request: dict[str, Any]  # requestId, primaryDomain, recipients, sender, size, sha256
     complete: bool = False
+    storing: threading.Lock = field(default_factory=threading.Lock, repr=False)  # one PUT stores it
 
 
 @dataclass
@@ -153,6 +154,7 @@ class Receiver:
         self.slow_ms = slow_ms
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
+        self._journal_lock = threading.Lock()
         self._scripts: dict[str, deque[int | str]] = {"post": deque(), "put": deque()}
         self._slots: dict[str, _Slot] = {}
         self._tokens: dict[str, _Token] = {}
@@ -358,14 +360,19 @@ class Receiver:
             slot = entry.slot
             if (size, sha) != (slot.request["size"], slot.request["sha256"]):
                 return 400, {"error": "digest_mismatch"}, {}
+        # The file work happens outside the receiver's lock, so that concurrent uploads
+        # are stored in parallel; the slot's own lock keeps one message stored once.
+        with slot.storing:
             if not slot.complete:
                 os.replace(tmp, self.store / f"{slot.upload_id}.eml")
                 meta = {"uploadId": slot.upload_id, **slot.request,
                         "receivedAt": datetime.now(timezone.utc).isoformat(timespec="milliseconds")}
-                with (self.store / "uploads.jsonl").open("a", encoding="utf-8") as f:
-                    f.write(json.dumps(meta) + "\n")
-                slot.complete = True
-                self._uploads.append(meta)
+                line = json.dumps(meta) + "\n"
+                with self._journal_lock, (self.store / "uploads.jsonl").open("a", encoding="utf-8") as f:
+                    f.write(line)
+                with self._lock:
+                    slot.complete = True
+                    self._uploads.append(meta)
         return 200, {"uploadId": slot.upload_id, "status": "complete"}, {"ETag": f'"{sha}"'}
 
 

@@ -34,7 +34,8 @@ class Payload:
     """The raw bytes of one message, in memory or spooled to a file (large messages).
 
     A spooled payload is streamed to the sink from its file, so a large message is
-    not held in memory while it waits for, or goes through, its upload.
+    not held in memory while it waits for, or goes through, its upload. The digest is
+    computed on first use, in the upload thread that needs it, not in the sync loop.
     """
 
     def __init__(self, data: bytes | None = None, path: Path | None = None):
@@ -42,16 +43,21 @@ class Payload:
             raise ValueError("give data or path")
         self._data = data
         self.path = path
-        if data is not None:
-            self.size = len(data)
-            self.sha256 = hashlib.sha256(data).hexdigest()
-        else:
-            h = hashlib.sha256()
-            with open(path, "rb") as f:  # type: ignore[arg-type]
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-            self.size = path.stat().st_size  # type: ignore[union-attr]
-            self.sha256 = h.hexdigest()
+        self.size = len(data) if data is not None else path.stat().st_size  # type: ignore[union-attr]
+        self._sha256: str | None = None
+
+    @property
+    def sha256(self) -> str:
+        if self._sha256 is None:
+            if self._data is not None:
+                self._sha256 = hashlib.sha256(self._data).hexdigest()
+            else:
+                h = hashlib.sha256()
+                with open(self.path, "rb") as f:  # type: ignore[arg-type]
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        h.update(chunk)
+                self._sha256 = h.hexdigest()
+        return self._sha256
 
     @classmethod
     def spooled(cls, data: bytes, directory: Path | None = None) -> "Payload":
