@@ -5,17 +5,20 @@ loopback, seeds the corpus (bench/corpus.py) straight into Maildir, starts the l
 receiver, and runs each contender as a whole process, timed, with its peak RSS, the
 median of --runs runs:
 
-  imapsync -> receiver (0 ms)     imapsync sync into the local receiver, no latency
-  imapsync -> directory           imapsync sync into the directory sink
+  imapsync -> receiver (0 ms)     imapsync backfill into the local receiver, no latency
+  imapsync -> directory           imapsync backfill into the directory sink
   imapsync -> receiver (200 ms)   the same with 200 ms per request (concurrency matters)
   mbsync (isync)                  IMAP -> Maildir
   getmail6                        IMAP -> Maildir
   imapclient loop                 one connection, BODY.PEEK[] in batches of 200 (the Python floor)
   no-change poll                  imapsync sync over --poll-accounts accounts x 10 folders, nothing new
+  directory at --rss-at messages  one more backfill of a larger corpus: is peak RSS flat? (optional)
 
 Every imapsync run starts from an empty ledger and an empty sink, so each one is a
-full backfill of the corpus through the same code path as continuous sync. It prints
-one table and the ratios, and writes them with the machine's details to bench/results/.
+full backfill of the corpus (the same planning, dedup and upload path as continuous
+sync). It prints one table, the ratios against the targets of issue 6, and writes them
+with the machine's details to bench/results/. Profile a contender with py-spy, e.g.
+`py-spy record --gil -o profile.svg -- .venv/bin/imapsync backfill --config ...`.
 """
 from __future__ import annotations
 
@@ -84,11 +87,11 @@ def median_run(name: str, runs: int, prepare, cmd_for, copies: int, nbytes: int,
     return Row(name, round(t, 2), round(copies / t, 1), round(nbytes / 1e6 / t, 1), round(max(rss), 1), runs, note)
 
 
-def imapsync_cmd(work: Path, config: dict) -> tuple[list[str], dict]:
+def imapsync_cmd(work: Path, config: dict, verb: str = "backfill") -> tuple[list[str], dict]:
     path = work / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     path.chmod(0o600)
-    return ([sys.executable, "-m", "imapsync", "--log-level", "warning", "sync", "--config", str(path)],
+    return ([sys.executable, "-m", "imapsync", "--log-level", "warning", verb, "--config", str(path)],
             dict(os.environ, BENCH_PW=PASSWORD, BENCH_KEY="bench-key"))
 
 
@@ -131,13 +134,13 @@ def getmail_cmd(port: int, work: Path) -> tuple[list[str], dict]:
     mail = work / "mail"
     for sub in ("cur", "new", "tmp"):
         (mail / sub).mkdir(parents=True, exist_ok=True)
-    user_line = ""
-    if os.geteuid() == 0:  # getmail refuses to deliver as root: deliver as nobody
+    prefix: list[str] = []
+    if os.geteuid() == 0:  # getmail refuses to deliver as root: run it as nobody (not a child per message)
         import pwd
         nobody = pwd.getpwnam("nobody")
         for p in [work, mail, *mail.iterdir()]:
             os.chown(p, nobody.pw_uid, nobody.pw_gid)
-        user_line = "user = nobody\n"
+        prefix = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups"]
     rc = work / "getmailrc"
     rc.write_text(f"""[retriever]
 type = SimpleIMAPRetriever
@@ -150,13 +153,14 @@ mailboxes = ALL
 [destination]
 type = Maildir
 path = {mail}/
-{user_line}
+
 [options]
 read_all = true
 delete = false
 verbose = 0
 """)
-    return ["getmail", "--rcfile", str(rc), "--getmaildir", str(work)], dict(os.environ)
+    os.chown(rc, *(os.stat(work).st_uid, os.stat(work).st_gid))
+    return [*prefix, "getmail", "--rcfile", str(rc), "--getmaildir", str(work)], dict(os.environ, HOME=str(work))
 
 
 def machine() -> dict:
@@ -173,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--poll-accounts", type=int, default=100)
     ap.add_argument("--only", nargs="*", default=None,
                     help="subset: receiver directory latency mbsync getmail floor poll")
+    ap.add_argument("--rss-at", type=int, default=0, metavar="N",
+                    help="also back up a corpus of N messages into the directory sink once (peak RSS flat?)")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     args = ap.parse_args(argv)
     want = set(args.only or ["receiver", "directory", "latency", "mbsync", "getmail", "floor", "poll"])
@@ -238,6 +244,16 @@ def main(argv: list[str] | None = None) -> int:
                  str(w / "out")], dict(os.environ)), n, nbytes))
         if "poll" in want:
             poll_seconds = no_change_poll(dovecot, scratch, args.poll_accounts, args.runs)
+        if args.rss_at:
+            user = f"large@{DOMAIN}"
+            dovecot.add_user(user, PASSWORD)
+            big = seed(dovecot, user, args.rss_at, seed=7)
+            print(f"corpus for --rss-at: {big.copies} copies, {big.bytes / 1e6:.0f} MB", flush=True)
+            rows.append(median_run(f"imapsync -> directory ({big.messages // 1000}k)", 1,
+                                   lambda i: fresh(i, "large"), lambda w: imapsync_cmd(
+                w, {"ledger": str(w / "ledger.sqlite3"), "accounts": [account(dovecot.port, "large", user)],
+                    "sink": "directory", "directory": str(w / "out"), "tenants": [{"domain": DOMAIN}]}),
+                big.copies, big.bytes))
     shutil.rmtree(scratch, ignore_errors=True)
     report(rows, poll_seconds, args, corpus)
     return 0
@@ -258,7 +274,7 @@ def no_change_poll(dovecot: Dovecot, scratch: Path, accounts: int, runs: int) ->
         cfg_accounts.append(account(dovecot.port, f"poll{a}", user))
     cmd, env = imapsync_cmd(work, {"ledger": str(work / "ledger.sqlite3"), "sink": "directory",
                                    "directory": str(work / "out"), "tenants": [{"domain": DOMAIN}],
-                                   "accounts": cfg_accounts})
+                                   "accounts": cfg_accounts}, verb="sync")
     timed(cmd, env)  # the first pass archives; the timed ones find nothing new
     times = []
     for i in range(runs):
@@ -278,16 +294,34 @@ def report(rows: list[Row], poll: float | None, args, corpus) -> None:
         lines.append(f"{'no-change poll (' + str(args.poll_accounts) + ' x 10 folders)':32} {'':>9} {'':>8} {'':>12} {poll:>9.2f}")
     ours = by.get("imapsync -> directory")
     ratios = []
-    for peer in ("mbsync (isync)", "getmail6", "imapclient loop"):
+
+    def check(ok: bool) -> str:
+        return "ok" if ok else "MISSED"
+
+    for peer, want in (("mbsync (isync)", 1.0), ("getmail6", 10.0), ("imapclient loop", 1.0)):
         if ours and peer in by:
-            ratios.append(f"directory sink / {peer}: {ours.msgs_per_s / by[peer].msgs_per_s:.2f}x")
+            ratio = ours.msgs_per_s / by[peer].msgs_per_s
+            goal = "aim" if peer.startswith("mbsync") else "target"
+            ratios.append(f"directory sink / {peer}: {ratio:.2f}x ({goal} >= {want:g}x: {check(ratio >= want)})")
     recv0 = by.get("imapsync -> receiver (0 ms)")
     if ours and recv0:
-        ratios.append(f"receiver (0 ms) / directory sink: {recv0.msgs_per_s / ours.msgs_per_s:.2f}x")
+        ratio = recv0.msgs_per_s / ours.msgs_per_s
+        ratios.append(f"receiver (0 ms) / directory sink: {ratio:.2f}x (target >= 0.8x: {check(ratio >= 0.8)})")
     lat = by.get("imapsync -> receiver (200 ms)")
     if lat:
         target = 0.8 * 16 / 0.2
-        ratios.append(f"receiver (200 ms): {lat.msgs_per_s:.1f} msgs/s vs target 0.8 x 16 / 0.2 s = {target:.0f}")
+        ratios.append(f"receiver (200 ms): {lat.msgs_per_s:.1f} msgs/s (target >= 0.8 x 16 / 0.2 s = {target:.0f}: "
+                      f"{check(lat.msgs_per_s >= target)})")
+    if poll is not None:
+        ratios.append(f"no-change poll: {poll:.2f} s (target < 2 s: {check(poll < 2)})")
+    imapsync_rows = [r for r in rows if r.tool.startswith("imapsync")]
+    if imapsync_rows:
+        peak = max(r.rss_mb for r in imapsync_rows)
+        ratios.append(f"imapsync peak RSS: {peak:.0f} MB (target < 150 MB: {check(peak < 150)})")
+        large = [r for r in imapsync_rows if r.tool.startswith("imapsync -> directory (")]
+        if ours and large:
+            ratios.append(f"peak RSS {large[0].tool.split('(')[1].rstrip(')')} / {args.messages // 1000}k: "
+                          f"{large[0].rss_mb / ours.rss_mb:.2f}x (flat: {check(large[0].rss_mb / ours.rss_mb < 1.15)})")
     text = "\n".join(lines + [""] + ratios)
     print("\n" + text)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -108,7 +108,7 @@ def sync(config_path: Path | None, accounts: tuple[str, ...], once: bool) -> int
     key the service refused.
     """
     from imapsync.ledger import Ledger
-    from imapsync.service import run_pass
+    from imapsync.service import run_pass_spread
 
     loaded = _load(config_path)
     unknown = sorted(set(accounts) - {a.name for a in loaded.config.accounts})
@@ -117,7 +117,7 @@ def sync(config_path: Path | None, accounts: tuple[str, ...], once: bool) -> int
                                              for n in unknown])
     ledger = Ledger.open(loaded.ledger_url)
     try:
-        result = run_pass(loaded, ledger, list(accounts) or None)
+        result = run_pass_spread(loaded, ledger, list(accounts) or None)
     finally:
         ledger.close()
     click.echo(result.summary())

@@ -259,6 +259,8 @@ class Fetch(Strict):
     batch_bytes: ByteSize = 8 * 1024 * 1024
     batch_messages: int = Field(default=500, ge=1)
     parallel_accounts: int = Field(default=8, ge=1, le=256)  # accounts synced side by side in a pass
+    # `imapsync sync` with many accounts spreads them over this many processes (0: one per CPU)
+    processes: int = Field(default=0, ge=0, le=64)
     connections: int = Field(default=4, ge=1, le=32)  # per account: 1 for headers + bodies fetched ahead
     reconnects: int = Field(default=3, ge=0, le=100)  # within one pass, after a drop or timeout
     reconnect_backoff: float = Field(default=1.0, ge=0)  # seconds before the first; doubles
@@ -574,7 +576,7 @@ def load(path: Path, *, resolve_secrets: bool = True) -> LoadedConfig:
     except OSError as e:
         raise ConfigError(str(path), [ConfigProblem("", f"cannot read: {e.strerror}")]) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # libyaml when built in
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else ""

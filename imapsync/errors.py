@@ -75,6 +75,9 @@ class SourceError(ImapsyncError):
     def __post_init__(self) -> None:
         super().__init__(f"{self.kind}: {self.detail}")
 
+    def __reduce__(self):  # rebuilt from its fields (results of accounts synced in other processes)
+        return type(self), (self.kind, self.detail, self.folder, self.retry_after)
+
     def __str__(self) -> str:
         where = f" (folder {self.folder})" if self.folder else ""
         return f"{self.kind}: {self.detail}{where}"

@@ -11,8 +11,8 @@ import fnmatch
 import functools
 import re
 import socket
-import time
 import ssl
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import date
@@ -21,11 +21,17 @@ from pathlib import Path
 import imapclient
 from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginError
+from imapclient.imap_utf7 import decode as decode_utf7
+from imapclient.imapclient import as_pairs
+from imapclient.response_parser import parse_response
+from imapclient.util import chunk
 
 from imapsync.config import Account, FolderFilter, TlsMode
 from imapsync.errors import SourceError, SourceErrorKind
 from imapsync.message import ROUTING_HEADERS
 
+#: Seconds a folder status from LIST-STATUS stands in for a STATUS command.
+LISTED_STATUS_TTL = 30.0
 HEADER_ITEM = "BODY.PEEK[HEADER.FIELDS (" + " ".join(h.upper() for h in ROUTING_HEADERS) + ")]"
 
 
@@ -123,6 +129,8 @@ class ImapSource:
         self.account = account
         self._client: IMAPClient | None = None
         self._idling = False
+        self._listed: dict[str, FolderStatus] = {}  # from the last LIST-STATUS, each used once
+        self._listed_at = 0.0
         self._connect(password, ca_file)
 
     # ----- connection -------------------------------------------------------------
@@ -193,8 +201,16 @@ class ImapSource:
     # ----- folders ------------------------------------------------------------------
 
     def folders(self, filt: FolderFilter) -> list[FolderInfo]:
-        """Selectable folders passing the include/exclude globs and SPECIAL-USE exclusions."""
-        listed = self._call("listing folders", self.client.list_folders)
+        """Selectable folders passing the include/exclude globs and SPECIAL-USE exclusions.
+
+        A server with LIST-STATUS (RFC 5819) gives every folder's STATUS in the same
+        answer: a poll that finds nothing new then costs one command, not one per folder.
+        """
+        if self.client.has_capability("LIST-STATUS"):
+            listed, statuses = self._call("listing folders", self._list_status)
+            self._listed, self._listed_at = statuses, time.monotonic()
+        else:
+            listed = self._call("listing folders", self.client.list_folders)
         excluded_flags = {f.lower() for f in filt.exclude_special_use}
         out = []
         for flags, _delim, name in listed:
@@ -214,7 +230,48 @@ class ImapSource:
             out.append(FolderInfo(name, fl))
         return out
 
+    def _list_status(self) -> tuple[list, dict[str, FolderStatus]]:
+        """LIST "" "*" RETURN (STATUS (...)): the folders, and the status of each."""
+        client, imap = self.client, self.client._imap
+        # With RETURN options a server may leave out \Trash, \Junk...: ask for them too.
+        special = ("SPECIAL-USE",) if client.has_capability("SPECIAL-USE") else ()
+        typ, data = imap._simple_command("LIST", '""', '"*"', "RETURN", f"({' '.join(special + ('STATUS',))}",
+                                         "(UIDVALIDITY", "UIDNEXT", "MESSAGES))")
+        client._checkok("list", typ, data)
+        typ, data = imap._untagged_response(typ, data, "LIST")
+        lines = [item for item in data if item not in (b"", None)]
+        raw = [item for item in imap.untagged_responses.pop("STATUS", []) if item not in (b"", None)]
+        list_lines, status_lines = _simple_lines(lines, _LIST_LINE), _simple_lines(raw, _STATUS_LINE)
+        if list_lines is None or status_lines is None:  # literals or unusual quoting: the general parser
+            listed = client._proc_folder_list(lines)
+            pairs = [(name, dict(as_pairs(items))) for name, items in chunk(parse_response(raw), size=2)]
+        else:
+            listed = [(tuple(m["flags"].split()), m["delim"] and _unquote(m["delim"]),
+                       self._folder_name(_unquote(m["quoted"]) if m["quoted"] is not None else m["atom"]))
+                      for m in list_lines]
+            pairs = [(_unquote(m["quoted"]) if m["quoted"] is not None else m["atom"],
+                      dict(zip(*[iter(m["items"].upper().split())] * 2))) for m in status_lines]
+        statuses: dict[str, FolderStatus] = {}
+        for name, st in pairs:
+            if b"UIDVALIDITY" in st and b"UIDNEXT" in st:
+                statuses[self._folder_name(name)] = FolderStatus(
+                    int(st[b"UIDVALIDITY"]), int(st[b"UIDNEXT"]), int(st.get(b"MESSAGES", 0)))
+        return listed, statuses
+
+    def _folder_name(self, name) -> str:
+        """A folder name as the server sent it, decoded as imapclient decodes LIST answers."""
+        if isinstance(name, str):
+            return name
+        if isinstance(name, int):
+            return str(name)
+        return decode_utf7(name) if self.client.folder_encode else name.decode("utf-8", "replace")
+
     def status(self, folder: str) -> FolderStatus:
+        """The folder's STATUS: from the last LIST-STATUS when it is fresh (used once), else asked."""
+        if time.monotonic() - self._listed_at < LISTED_STATUS_TTL:
+            listed = self._listed.pop(folder, None)
+            if listed is not None:
+                return listed
         st = self._call("reading folder status", self.client.folder_status, folder,
                         [b"UIDVALIDITY", b"UIDNEXT", b"MESSAGES"], folder=folder)
         return FolderStatus(int(st[b"UIDVALIDITY"]), int(st[b"UIDNEXT"]), int(st.get(b"MESSAGES", 0)))
@@ -418,6 +475,29 @@ def _announces_mail(responses: list, folder: str | None) -> bool:
         if len(r) >= 2 and r[1] in (b"EXISTS", b"RECENT"):
             new_mail = True
     return new_mail
+
+
+#: The usual shapes of LIST and STATUS answers (a quoted string or an atom for the name);
+#: anything else, such as a literal, goes to imapclient's general parser.
+_QUOTED = rb'"((?:[^"\\]|\\.)*)"'
+_LIST_LINE = re.compile(rb'\((?P<flags>[^()]*)\) (?:"(?P<delim>[^"\\]|\\.)"|NIL) (?:' + _QUOTED.replace(
+    b"((", b"(?P<quoted>(", 1) + rb'|(?P<atom>[^\s"(){}%*\\]+))$')
+_STATUS_LINE = re.compile(rb'(?:' + _QUOTED.replace(b"((", b"(?P<quoted>(", 1) +
+                          rb'|(?P<atom>[^\s"(){}%*\\]+)) \((?P<items>[A-Z0-9 -]*)\)$', re.IGNORECASE)
+
+
+def _simple_lines(lines: list, pattern: re.Pattern) -> list[re.Match] | None:
+    matches = []
+    for line in lines:
+        m = pattern.match(line) if isinstance(line, bytes) else None
+        if m is None:
+            return None
+        matches.append(m)
+    return matches
+
+
+def _unquote(value: bytes) -> bytes:
+    return re.sub(rb"\\(.)", rb"\1", value)
 
 
 def _match(name: str, pattern: str) -> bool:

@@ -682,7 +682,7 @@ class _FolderPass:
                 if copy.waiting == 0:
                     settled.append(copy)
             self.ledger.record_uploads(c, acks)
-            self.ledger.record_sightings(c, self.row.id, self.uidvalidity,
+            self.ledger.settle_sightings(c, self.row.id, self.uidvalidity,
                                          [self._settle_copy(c, copy) for copy in settled])
 
     def _settle_copy(self, c, copy: _Copy) -> Sighting:

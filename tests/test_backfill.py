@@ -79,14 +79,14 @@ class CountingReceiver(Receiver):
         super().__init__(*args, **kwargs)
         self.asked: list[str] = []
 
-    def _post(self, raw, key, base):
+    def _post(self, raw, key, base, scripted):
         try:
             rid = json.loads(raw).get("requestId")
         except ValueError:
             rid = None
         with self._lock:
             self.asked.append(rid)
-        return super()._post(raw, key, base)
+        return super()._post(raw, key, base, scripted)
 
 
 def _ledger(env) -> sqlite3.Connection:

@@ -53,6 +53,22 @@ def test_migrations_are_idempotent_on_every_backend(ledger_url):
     assert ledger.status()[0]["last_run"]["uploaded"] == 2 and ledger.account_id("a", "h", "u") == acc
 
 
+def test_the_head_revision_known_to_the_ledger_is_the_newest_migration(tmp_path):
+    """Opening skips Alembic when the ledger is at HEAD_REVISION: a new migration must move it."""
+    from importlib.resources import files
+
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from imapsync.ledger import HEAD_REVISION, at_head
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(files("imapsync.migrations")))
+    assert ScriptDirectory.from_config(cfg).get_heads() == [HEAD_REVISION]
+    ledger = Ledger.open(f"sqlite:///{tmp_path / 'l.sqlite3'}")
+    assert at_head(ledger.engine)
+
+
 def test_leases_give_each_account_to_one_worker(ledger_url):
     a, b = Ledger.open(ledger_url), Ledger.open(ledger_url)  # two workers, one ledger
     assert a.acquire_lease("acc", "worker-a", "sync", 60)

@@ -54,7 +54,9 @@ def test_first_pass_uploads_everything_once_and_second_pass_only_asks_status(
         assert "0 uploaded" in out
         assert len(receiver.uploads()) == 3
         sent = set(proxy.commands)
-        assert "STATUS" in sent
+        # Dovecot has LIST-STATUS: one LIST answers every folder's status, and no STATUS is needed.
+        assert sent <= {"CAPABILITY", "LOGIN", "LIST", "STATUS", "LOGOUT"}, proxy.commands
+        assert proxy.count("LIST") == 1 and proxy.count("STATUS") == 0, proxy.commands
         assert not sent & {"EXAMINE", "SELECT", "FETCH", "UID FETCH", "UID SEARCH", "SEARCH"}, proxy.commands
 
 
@@ -311,3 +313,51 @@ def test_a_cut_on_a_body_fetch_connection_is_recovered(new_mailbox, receiver, en
     assert code == 0, out + err
     stored = sorted((receiver.store / f"{u['uploadId']}.eml").read_bytes() for u in receiver.uploads())
     assert stored == sorted(raws)
+
+
+def test_list_status_gives_each_folder_the_status_that_status_gives(new_mailbox, env, monkeypatch):
+    """The poll reads every folder's STATUS from one LIST-STATUS answer (its own fast reading
+    for the usual shapes, imapclient's parser otherwise): awkward names must come out as
+    the names and numbers that LIST and STATUS give one folder at a time."""
+    from imapsync.config import Account, FolderFilter
+    from imapsync.imap_source import ImapSource
+
+    alice = new_mailbox("alice")
+    names = ["Plain", "With space", 'Quote"d', "Entwürfe", "日本語", "2024", "Back\\slash", "a/b c"]
+    for i, name in enumerate(names):
+        for j in range(i + 1):
+            alice.deliver(message("x@outside.example", alice.user, f"{name} {j}"), name)
+    account = Account.model_validate(dict(env.account(alice), password="unused"))
+    with ImapSource(account, alice.password) as fast, ImapSource(account, alice.password) as plain:
+        listed = {f.name for f in fast.folders(FolderFilter())}
+        assert set(names) | {"INBOX"} <= listed
+        assert fast._listed, "Dovecot offers LIST-STATUS: the statuses come with the list"
+        for name in names:
+            got, want = fast.status(name), plain.status(name)  # plain: a STATUS command of its own
+            assert got == want and got.messages == names.index(name) + 1, (name, got, want)
+        # The general parser (used for literals) reads the same answer the same way.
+        fast_reading = fast._list_status()
+        import imapsync.imap_source as source_module
+        monkeypatch.setattr(source_module, "_simple_lines", lambda lines, pattern: None)
+        assert fast._list_status() == fast_reading
+
+
+def test_many_accounts_are_spread_over_processes_and_their_results_added_up(new_mailbox, receiver, env):
+    """`sync` with many accounts forks `fetch.processes` children, each with a share of the
+    accounts: every message is uploaded once, a wrong password still names its account
+    (exit 7), and each account has its run in the ledger."""
+    mailboxes = [new_mailbox(f"many{i}-") for i in range(33)]
+    for i, box in enumerate(mailboxes):
+        box.deliver(message("x@outside.example", box.user, f"many {i}"))
+    accounts = [env.account(box) for box in mailboxes]
+    accounts[7]["password"] = {"env": "NO_SUCH_PASSWORD"}
+    env.monkeypatch.setenv("NO_SUCH_PASSWORD", "wrong")
+    env.write(accounts, endpoint=receiver.url, fetch={"processes": 2})
+    code, out, err = env.sync()
+    assert code == 7, (out, err)
+    assert "33 account(s): 32 uploaded" in out and f"account error: {accounts[7]['name']}" in out, out
+    assert sorted(uploads_by_subject(receiver)) == sorted(f"many {i}" for i in range(33) if i != 7)
+    assert "33 accounts over 2 processes" in err, err
+    assert len(env.sql("SELECT id FROM runs")) == 33  # one run per account, written by the children
+    code, out, err = env.sync()  # nothing new: the second pass uploads nothing
+    assert "0 uploaded" in out and len(receiver.uploads()) == 32

@@ -20,25 +20,40 @@ class DirectorySink:
     def __init__(self, root: Path):
         self.root = root
         self._lock = threading.Lock()
+        self._indexes: dict[Path, int] = {}  # tenant folder -> index.jsonl opened for appending
 
     def upload(self, request: UploadRequest) -> UploadResult:
         folder = self.root / request.tenant
         target = folder / f"{request.request_id}.eml"
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            index = self._index(folder)
             if not target.exists():
                 tmp = target.with_suffix(f".tmp{threading.get_ident()}")
                 tmp.write_bytes(request.raw)
                 os.replace(tmp, target)
                 line = json.dumps({"file": target.name, "key": request.key, "vaults": list(request.vaults),
-                                   "sender": request.sender, "size": len(request.raw),
+                                   "sender": request.sender, "size": request.payload.size,
                                    "at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-                with self._lock, open(folder / "index.jsonl", "a", encoding="utf-8") as index:
-                    index.write(line + "\n")
+                os.write(index, (line + "\n").encode())  # one O_APPEND write: whole lines without a lock
         except OSError as e:
             return UploadResult(Outcome.UNREACHABLE, reason="directory_error",
                                 detail=f"cannot write {target}: {e.strerror}")
         return UploadResult(Outcome.UPLOADED, upload_id=target.name)
 
+    def _index(self, folder: Path) -> int:
+        """The tenant's index.jsonl, opened once (the folder made on first use)."""
+        fd = self._indexes.get(folder)
+        if fd is None:
+            with self._lock:
+                fd = self._indexes.get(folder)
+                if fd is None:
+                    folder.mkdir(parents=True, exist_ok=True)
+                    fd = os.open(folder / "index.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                    self._indexes[folder] = fd
+        return fd
+
     def close(self) -> None:
-        pass
+        with self._lock:
+            fds, self._indexes = list(self._indexes.values()), {}
+        for fd in fds:
+            os.close(fd)

@@ -23,9 +23,21 @@ from functools import lru_cache
 from urllib.parse import urlsplit
 
 import urllib3
-from urllib3.exceptions import HTTPError, NewConnectionError, ProtocolError, ProxyError, SSLError
-from tenacity import RetryCallState, Retrying, retry_if_result, stop_after_attempt, stop_after_delay
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_result,
+    stop_after_attempt,
+    stop_after_delay,
+)
 from tenacity.wait import wait_random_exponential
+from urllib3.exceptions import (
+    HTTPError,
+    NewConnectionError,
+    ProtocolError,
+    ProxyError,
+    SSLError,
+)
 
 from imapsync.ratelimit import TokenBucket
 from imapsync.sinks.base import Outcome, UploadRequest, UploadResult
