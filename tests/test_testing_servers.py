@@ -280,3 +280,22 @@ def test_pymap_server_login_and_append() -> None:
             pytest.raises(LoginError),
         ):
             client.login("demouser", "demopass")  # only the given users exist
+
+
+def test_dovecot_in_performance_mode_runs_with_reused_processes() -> None:
+    """The benchmark's server: Dovecot's high-performance mode (login and imap processes
+    serve many connections); Dovecot itself must read the setting, and logins work."""
+    import subprocess
+
+    require_dovecot()
+    with Dovecot(performance=True) as server:
+        server.add_user("perf@acme.com", "pw")
+        for _ in range(3):
+            with IMAPClient(server.host, port=server.port, ssl=False) as client:
+                client.login("perf@acme.com", "pw")
+        doveconf = dovecot_module._find_binary("doveconf")
+        assert doveconf is not None
+        shown = subprocess.run([doveconf, "-c", str(server.conf_path), "-n"], capture_output=True,
+                               text=True, check=True).stdout
+        imap = shown[shown.index("service imap {"):]
+        assert "service_count = 0" in imap[:imap.index("}")]
