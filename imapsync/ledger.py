@@ -821,7 +821,10 @@ def migrate(engine: Engine) -> None:
         if engine.dialect.name == "sqlite":
             # pysqlite runs DDL outside any transaction; begin one ourselves, so that a crash
             # or a full disk mid-migration leaves the old schema, never half of the new one.
-            conn.exec_driver_sql("BEGIN")
+            # IMMEDIATE takes the write lock at once: processes creating the same new ledger
+            # wait their turn (busy timeout) and the later ones find it migrated, instead of
+            # failing with "database is locked" when a read lock could not be upgraded.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
 

@@ -69,6 +69,21 @@ def test_the_head_revision_known_to_the_ledger_is_the_newest_migration(tmp_path)
     assert at_head(ledger.engine)
 
 
+def test_processes_creating_the_same_new_ledger_at_once_all_open_it(tmp_path):
+    """Four workers started together on a ledger that does not exist yet: one creates and
+    migrates it, the others wait their turn and find it ready (no "database is locked")."""
+    import subprocess
+    import sys
+
+    for trial in range(4):
+        url = f"sqlite:///{tmp_path / f'new{trial}.sqlite3'}"
+        code = f"from imapsync.ledger import Ledger; Ledger.open({url!r}).close()"
+        procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True) for _ in range(4)]
+        errors = [p.communicate(timeout=60)[1] for p in procs]
+        assert all(p.returncode == 0 for p in procs), (trial, [e[-300:] for e in errors if e])
+        assert Ledger.open(url).table_sizes()["accounts"] == 0
+
+
 def test_leases_give_each_account_to_one_worker(ledger_url):
     a, b = Ledger.open(ledger_url), Ledger.open(ledger_url)  # two workers, one ledger
     assert a.acquire_lease("acc", "worker-a", "sync", 60)
