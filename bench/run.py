@@ -175,7 +175,8 @@ read_all = true
 delete = false
 verbose = 0
 """)
-    os.chown(rc, *(os.stat(work).st_uid, os.stat(work).st_gid))
+    owner = os.stat(work)
+    os.chown(rc, owner.st_uid, owner.st_gid)  # nobody's, when run as root
     return [*prefix, "getmail", "--rcfile", str(rc), "--getmaildir", str(work)], dict(os.environ, HOME=str(work))
 
 

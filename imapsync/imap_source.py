@@ -246,11 +246,9 @@ class ImapSource:
             listed = client._proc_folder_list(lines)
             pairs = [(name, dict(as_pairs(items))) for name, items in chunk(parse_response(raw), size=2)]
         else:
-            listed = [(tuple(m["flags"].split()), m["delim"] and _unquote(m["delim"]),
-                       self._folder_name(_unquote(m["quoted"]) if m["quoted"] is not None else m["atom"]))
+            listed = [(tuple(m["flags"].split()), m["delim"] and _unquote(m["delim"]), self._folder_name(_name(m)))
                       for m in list_lines]
-            pairs = [(_unquote(m["quoted"]) if m["quoted"] is not None else m["atom"],
-                      dict(zip(*[iter(m["items"].upper().split())] * 2))) for m in status_lines]
+            pairs = [(_name(m), dict(zip(*[iter(m["items"].upper().split())] * 2))) for m in status_lines]
         statuses: dict[str, FolderStatus] = {}
         for name, st in pairs:
             if b"UIDVALIDITY" in st and b"UIDNEXT" in st:
@@ -479,11 +477,9 @@ def _announces_mail(responses: list, folder: str | None) -> bool:
 
 #: The usual shapes of LIST and STATUS answers (a quoted string or an atom for the name);
 #: anything else, such as a literal, goes to imapclient's general parser.
-_QUOTED = rb'"((?:[^"\\]|\\.)*)"'
-_LIST_LINE = re.compile(rb'\((?P<flags>[^()]*)\) (?:"(?P<delim>[^"\\]|\\.)"|NIL) (?:' + _QUOTED.replace(
-    b"((", b"(?P<quoted>(", 1) + rb'|(?P<atom>[^\s"(){}%*\\]+))$')
-_STATUS_LINE = re.compile(rb'(?:' + _QUOTED.replace(b"((", b"(?P<quoted>(", 1) +
-                          rb'|(?P<atom>[^\s"(){}%*\\]+)) \((?P<items>[A-Z0-9 -]*)\)$', re.IGNORECASE)
+_NAME = rb'(?:"(?P<quoted>(?:[^"\\]|\\.)*)"|(?P<atom>[^\s"(){}%*\\]+))'
+_LIST_LINE = re.compile(rb'\((?P<flags>[^()]*)\) (?:"(?P<delim>[^"\\]|\\.)"|NIL) ' + _NAME + rb'$')
+_STATUS_LINE = re.compile(_NAME + rb' \((?P<items>[A-Z0-9 -]*)\)$', re.IGNORECASE)
 
 
 def _simple_lines(lines: list, pattern: re.Pattern) -> list[re.Match] | None:
@@ -494,6 +490,11 @@ def _simple_lines(lines: list, pattern: re.Pattern) -> list[re.Match] | None:
             return None
         matches.append(m)
     return matches
+
+
+def _name(m: re.Match) -> bytes:
+    """The mailbox name of a matched line: the quoted string, unescaped, or the atom."""
+    return _unquote(m["quoted"]) if m["quoted"] is not None else m["atom"]
 
 
 def _unquote(value: bytes) -> bytes:

@@ -166,15 +166,13 @@ class Ledger:
             return row.id
 
     def set_account_result(self, account_id: int, error: str | None) -> None:
-        self.t["accounts"]
-        values = ({"last_error": None, "last_success_at": now()} if error is None
-                  else {"last_error": error, "last_error_at": now()})
         with self.tx() as c:
-            c.execute(self.q.account_ok if error is None else self.q.account_error,
-                      {"b_id": account_id, **{f"b_{k}": v for k, v in values.items()}})
+            if error is None:
+                c.execute(self.q.account_ok, {"b_id": account_id, "b_at": now()})
+            else:
+                c.execute(self.q.account_error, {"b_id": account_id, "b_error": error, "b_at": now()})
 
     def folders(self, account_id: int) -> dict[str, FolderRow]:
-        self.t["folders"]
         with self.tx() as c:
             rows = c.execute(self.q.folders_of, {"b_account_id": account_id}).all()
         return {r.name: FolderRow(r.id, r.name, r.uidvalidity, r.last_uid, r.uidnext) for r in rows}
@@ -364,16 +362,17 @@ class Ledger:
 
         le = self.t["leases"]
         ts = now()
-        values = {"owner": owner, "purpose": purpose, "acquired_at": ts, "expires_at": ts + timedelta(seconds=seconds)}
+        expires = ts + timedelta(seconds=seconds)
         try:
             with self.engine.begin() as c:
-                taken = c.execute(self.q.lease_take, {"b_account": account, "b_now": ts,
-                                                      **{f"b_{k}": v for k, v in values.items()}})
+                taken = c.execute(self.q.lease_take, {"b_account": account, "b_owner": owner, "b_purpose": purpose,
+                                                      "b_now": ts, "b_expires_at": expires})
                 if taken.rowcount:
                     return True
                 if c.execute(sa.select(le.c.account).where(le.c.account == account)).first():
                     return False
-                c.execute(le.insert().values(account=account, **values))
+                c.execute(le.insert().values(account=account, owner=owner, purpose=purpose, acquired_at=ts,
+                                             expires_at=expires))
                 return True
         except IntegrityError:
             return False  # another worker inserted it first
@@ -381,7 +380,6 @@ class Ledger:
             raise LedgerError(_short(e), self.url) from None
 
     def release_lease(self, account: str, owner: str) -> None:
-        self.t["leases"]
         with self.tx() as c:
             c.execute(self.q.lease_release, {"b_account": account, "b_owner": owner})
 
@@ -394,13 +392,11 @@ class Ledger:
     # ----- runs -----------------------------------------------------------------------
 
     def start_run(self, kind: str, account: str) -> int:
-        self.t["runs"]
         with self.tx() as c:
             return c.execute(self.q.run_start, {"kind": kind, "account": account,
                                                 "started_at": now()}).inserted_primary_key[0]
 
     def finish_run(self, run_id: int, *, outcome: str, counts: dict[str, int], error: str | None) -> None:
-        self.t["runs"]
         with self.tx() as c:
             c.execute(self.q.run_finish, {"b_id": run_id, "b_ended_at": now(), "b_outcome": outcome, "b_error": error,
                                           **{f"b_{k}": counts.get(k, 0) for k in _RUN_COUNTS}})
@@ -740,15 +736,14 @@ class _Prepared:
         a, f, le, r = t["accounts"], t["folders"], t["leases"], t["runs"]
         p = sa.bindparam
         self.account_by_name = sa.select(a.c.id, a.c.host, a.c.username).where(a.c.name == p("b_name"))
-        self.account_ok = a.update().where(a.c.id == p("b_id")).values(
-            last_error=p("b_last_error"), last_success_at=p("b_last_success_at"))
+        self.account_ok = a.update().where(a.c.id == p("b_id")).values(last_error=None, last_success_at=p("b_at"))
         self.account_error = a.update().where(a.c.id == p("b_id")).values(
-            last_error=p("b_last_error"), last_error_at=p("b_last_error_at"))
+            last_error=p("b_error"), last_error_at=p("b_at"))
         self.folders_of = sa.select(f.c.id, f.c.name, f.c.uidvalidity, f.c.last_uid, f.c.uidnext).where(
             f.c.account_id == p("b_account_id"))
         self.lease_take = le.update().where(
             le.c.account == p("b_account"), sa.or_(le.c.owner == p("b_owner"), le.c.expires_at < p("b_now"))).values(
-            owner=p("b_owner"), purpose=p("b_purpose"), acquired_at=p("b_acquired_at"), expires_at=p("b_expires_at"))
+            owner=p("b_owner"), purpose=p("b_purpose"), acquired_at=p("b_now"), expires_at=p("b_expires_at"))
         self.lease_release = le.delete().where(le.c.account == p("b_account"), le.c.owner == p("b_owner"))
         self.run_start = r.insert()
         self.run_finish = r.update().where(r.c.id == p("b_id")).values(

@@ -108,3 +108,21 @@ def test_directory_sink_writes_each_upload_once(tmp_path):
     files = list((tmp_path / "out" / "acme.com").glob("*.eml"))
     assert len(files) == 1 and files[0].read_bytes() == RAW
     assert len((tmp_path / "out" / "acme.com" / "index.jsonl").read_text().splitlines()) == 1
+
+
+def test_the_environment_proxy_is_used_unless_no_proxy_names_the_host(receiver, monkeypatch):
+    """HTTP_PROXY from the environment carries the uploads (here: a proxy nobody listens on,
+    so the tenant is unreachable); NO_PROXY naming the endpoint's host goes direct."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]  # closed again at once: nothing listens there
+    for name in ("http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{dead}")
+    through_proxy = VaultasticSink("acme.com", receiver.url, API_KEY, retry=FAST, timeout=10)
+    assert through_proxy.upload(request()).outcome is Outcome.UNREACHABLE
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    direct = VaultasticSink("acme.com", receiver.url, API_KEY, retry=FAST, timeout=10)
+    assert direct.upload(request()).outcome is Outcome.UPLOADED and len(receiver.uploads()) == 1
