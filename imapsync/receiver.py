@@ -38,6 +38,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import math
 import os
 import random
 import re
@@ -72,6 +73,7 @@ _PUT_BODIES: dict[int, dict[str, str]] = {403: {"error": "expired"}, 500: {"erro
 # "ok": answer normally (no random fault); "slow": answer normally after slow_ms.
 _POST_WORDS = frozenset({"drop", "lost", "invalid_recipient", "bad_request", "expire", "ok", "slow"})
 _PUT_WORDS = frozenset({"drop", "lost", "ok", "slow"})
+_PHRASES = {s.value: s.phrase for s in HTTPStatus}
 DROP = None  # a reply status of None means: close the connection without answering
 
 Reply = tuple[int | None, dict[str, Any], dict[str, str]]
@@ -86,7 +88,8 @@ def _canned(status: int, bodies: dict[int, dict[str, str]]) -> dict[str, str]:
 
 
 def _is_address(value: object) -> bool:
-    if not isinstance(value, str) or value.count("@") != 1 or any(c.isspace() for c in value):
+    # value.split() != [value]: it has whitespace (or is empty), found without a loop per character
+    if not isinstance(value, str) or value.count("@") != 1 or value.split() != [value]:
         return False
     local, domain = value.split("@")
     return bool(local) and bool(domain)
@@ -163,6 +166,7 @@ class Receiver:
         self._uploads: list[dict[str, Any]] = []
         self._counts = {"posts": 0, "puts": 0, "peak_in_flight": 0, "in_flight": 0, "drops": 0}
         self._answers: Counter[int] = Counter()
+        self._journal: Any = None  # uploads.jsonl, open for appending while serving
         self._server: _Server | None = None
         self._address: tuple[str, int] | None = None
 
@@ -172,7 +176,13 @@ class Receiver:
             raise RuntimeError("receiver already started")
         self.store.mkdir(parents=True, exist_ok=True)
         self._load()
-        server = _Server(self, (self.host, self.port))
+        # Unbuffered append: each line is one write, on disk (for readers) before the answer.
+        self._journal = (self.store / "uploads.jsonl").open("ab", buffering=0)
+        try:
+            server = _Server(self, (self.host, self.port))
+        except BaseException:
+            self._journal.close()
+            raise
         self._address = (self.host, server.server_address[1])
         self._server = server
         return self
@@ -181,6 +191,7 @@ class Receiver:
         server, self._server = self._server, None
         if server is not None:
             server.stop()
+            self._journal.close()
 
     def __enter__(self) -> Receiver:
         return self.start()
@@ -299,13 +310,13 @@ class Receiver:
                 return 200, {"uploadId": slot.upload_id, "status": "complete"}, {}
             if slot is None:
                 slot = self._slots[req["requestId"]] = _Slot(str(uuid.uuid4()), req)
-            token = uuid.uuid4().hex
+            token = os.urandom(16).hex()
             self._tokens[token] = _Token(slot, time.monotonic() + self.expires_in, expire_once)
         return 201, {"uploadId": slot.upload_id, "uploadUrl": f"{base}/v1/put/{token}",
                      "expiresIn": self.expires_in}, {}
 
     # -- step 2 ----------------------------------------------------------------------
-    def _put(self, token: str, ctype: str, body: bytes, scripted: int | str | None) -> Reply:
+    def _put(self, token: str, ctype: str, body: _Incoming, scripted: int | str | None) -> Reply:
         """Step 2 with the whole body received, after any latency or scripted slowness."""
         if scripted == "drop":
             return DROP, {}, {}
@@ -314,15 +325,11 @@ class Receiver:
                 with self._lock:
                     self._tokens.pop(token, None)
             return scripted, _canned(scripted, _PUT_BODIES), {}
-        tmp = self.store / f".incoming-{uuid.uuid4().hex}.part"
-        try:
-            tmp.write_bytes(body)
-            reply = self._complete(token, ctype, len(body), hashlib.sha256(body).hexdigest(), tmp)
-            return (DROP, {}, {}) if scripted == "lost" else reply
-        finally:
-            tmp.unlink(missing_ok=True)
+        body.file.close()
+        reply = self._complete(token, ctype, body.size, body.hash.hexdigest(), body.path)
+        return (DROP, {}, {}) if scripted == "lost" else reply
 
-    def _complete(self, token: str, ctype: str, size: int, sha: str, tmp: Path) -> Reply:
+    def _complete(self, token: str, ctype: str, size: int, sha: str, tmp: str) -> Reply:
         with self._lock:
             entry = self._tokens.get(token)
             if entry is not None and (entry.expire_once or time.monotonic() > entry.expires_at):
@@ -342,31 +349,60 @@ class Receiver:
                 os.replace(tmp, self.store / f"{slot.upload_id}.eml")
                 meta = {"uploadId": slot.upload_id, **slot.request,
                         "receivedAt": datetime.now(timezone.utc).isoformat(timespec="milliseconds")}
-                line = json.dumps(meta) + "\n"
-                with self._journal_lock, (self.store / "uploads.jsonl").open("a", encoding="utf-8") as f:
-                    f.write(line)
+                line = (json.dumps(meta) + "\n").encode()
+                with self._journal_lock:
+                    self._journal.write(line)
                 with self._lock:
                     slot.complete = True
                     self._uploads.append(meta)
         return 200, {"uploadId": slot.upload_id, "status": "complete"}, {"ETag": f'"{sha}"'}
 
 
+class _Incoming:
+    """A PUT body on its way to the store: written to a temporary file and hashed as it
+    arrives, so a large message is never held (or copied) whole in memory."""
+
+    def __init__(self, store: Path) -> None:
+        self.path = os.path.join(store, f".incoming-{os.urandom(8).hex()}.part")
+        self.file = open(self.path, "xb")  # noqa: SIM115 - closed by discard()
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, chunk: memoryview) -> None:
+        self.file.write(chunk)
+        self.hash.update(chunk)
+        self.size += len(chunk)
+
+    def discard(self) -> None:
+        """Whatever happened, no .part file stays behind (a stored one was renamed)."""
+        self.file.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
 class _Server:
     """HTTP/1.1 with keep-alive on one asyncio loop in a background thread.
 
     Latency and scripted slowness are awaited, so a slow upload holds no thread however
-    many clients wait. Measured against the threaded http.server it replaced (16 clients,
-    200 KB messages): the same throughput and the same ~1.8 ms of CPU per upload.
+    many clients wait. Each connection is a ``_Connection`` protocol rather than asyncio
+    streams: a PUT body goes from the socket buffer straight to its temporary file and
+    its hash, with no copies in between. Measured with 16 clients and 220 KB messages
+    (medians, 2 noisy cores): ~0.95 ms of CPU per upload with the store on tmpfs, down from
+    ~1.4 ms with asyncio streams; ~1.5 ms, down from ~1.9 ms, on an ext4 disk where creating
+    each file alone costs up to 0.4 ms. Most of the rest is sha256 (~0.2 ms) and the kernel.
     """
 
     def __init__(self, receiver: Receiver, address: tuple[str, int]) -> None:
         self.receiver = receiver
         self.loop = asyncio.new_event_loop()
-        self.writers: set[asyncio.StreamWriter] = set()
-        self.server = self.loop.run_until_complete(asyncio.start_server(
-            self._connection, address[0], address[1], backlog=128, limit=_MAX_HEAD,
-            reuse_address=True))
+        self.connections: set[_Connection] = set()
+        self._date = (0, "")
+        self.server = self.loop.run_until_complete(self.loop.create_server(
+            lambda: _Connection(self), address[0], address[1], backlog=128, reuse_address=True))
         self.server_address = self.server.sockets[0].getsockname()[:2]
+        self.loop.call_soon(self._sweep)
         self.thread = threading.Thread(target=self.loop.run_forever, name=f"receiver:{self.server_address[1]}",
                                        daemon=True)
         self.thread.start()
@@ -375,8 +411,8 @@ class _Server:
         """Stop listening, end every connection (idle keep-alives too) and the loop."""
         async def shut() -> None:
             self.server.close()
-            for w in list(self.writers):
-                w.transport.abort()
+            for c in list(self.connections):
+                c.transport.abort()
             await self.server.wait_closed()
         asyncio.run_coroutine_threadsafe(shut(), self.loop).result(timeout=10)
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -386,34 +422,36 @@ class _Server:
         self.loop.run_until_complete(asyncio.sleep(0))
         self.loop.close()
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sock = writer.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        peer = (writer.get_extra_info("peername") or ("?",))[0]
-        self.writers.add(writer)
+    def _sweep(self) -> None:
+        """End connections that waited too long for a request or for body bytes: one timer
+        a second for all of them, rather than one started and cancelled per read."""
+        now = self.loop.time()
+        for conn in self.connections:
+            if now > conn.deadline:
+                conn._fail(TimeoutError("idle"))
+        self.loop.call_later(1, self._sweep)
+
+    async def _serve(self, conn: _Connection) -> None:
         try:
-            while await self._one_request(reader, writer, peer):
+            while await self._one_request(conn):
                 pass
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
-            pass  # the client went away (or sent an endless header): nothing to answer
+        except (ConnectionError, TimeoutError):
+            pass  # the client went away (or stalled, or sent an endless header): nothing to answer
         except Exception:  # noqa: BLE001 - a real bug: show it, drop this connection, serve the others
             traceback.print_exc()
         finally:
-            self.writers.discard(writer)
-            writer.transport.abort()
+            conn.transport.abort()
 
-    async def _one_request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str) -> bool:
+    async def _one_request(self, conn: _Connection) -> bool:
         """Read and answer one request; False when the connection is to be closed."""
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _IDLE_TIMEOUT)
-        except asyncio.IncompleteReadError:
+        head = await conn.read_head()
+        if head is None:
             return False  # closed between requests: the normal end of keep-alive
-        lines = head.decode("latin-1").split("\r\n")
+        lines = head.split("\r\n")
         try:
             method, target, version = lines[0].split(" ")
         except ValueError:
-            await self._send(writer, peer, lines[0], _bad("malformed request line"), close=True)
+            await self._send(conn, lines[0], _bad("malformed request line"), close=True)
             return False
         headers: dict[str, str] = {}
         for line in lines[1:]:
@@ -424,11 +462,13 @@ class _Server:
         path = target.split("?")[0]
         rx = self.receiver
         if method == "GET" and path == "/v1/health":
-            return await self._send(writer, peer, lines[0], (200, {"status": "ok"}, {}), close=not keep)
-        step = {("POST", "/v1/uploads"): "post"}.get((method, path)) or (
-            "put" if method == "PUT" and path.startswith("/v1/put/") else None)
-        if step is None:
-            return await self._send(writer, peer, lines[0], (404, {"error": "not_found"}, {}), close=True)
+            return await self._send(conn, lines[0], (200, {"status": "ok"}, {}), close=not keep)
+        if method == "POST" and path == "/v1/uploads":
+            step = "post"
+        elif method == "PUT" and path.startswith("/v1/put/"):
+            step = "put"
+        else:
+            return await self._send(conn, lines[0], (404, {"error": "not_found"}, {}), close=True)
         rx._enter(step + "s")
         counted = [True]
         try:
@@ -440,24 +480,38 @@ class _Server:
                 reply = (413, {"error": "too_large"}, {}) if step == "put" and length else _bad(
                     "a JSON body with Content-Length (<= 1 MiB) is required" if step == "post"
                     else "Content-Length is required")
-                return await self._send(writer, peer, lines[0], reply, close=True, counted=counted)
-            body = await asyncio.wait_for(reader.readexactly(length), _IDLE_TIMEOUT)
-            scripted = rx._next(step)
-            if scripted == "slow":
-                await asyncio.sleep(rx.slow_ms / 1000)
+                return await self._send(conn, lines[0], reply, close=True, counted=counted)
             if step == "post":
+                body = bytearray()
+                await conn.read_body(length, body.extend)
+                scripted = await self._scripted(step)
                 host = rx.host in ("0.0.0.0", "::") and headers.get("host")
-                reply = rx._post(body, headers.get("x-api-key"), f"http://{host}" if host else rx.url, scripted)
+                reply = rx._post(bytes(body), headers.get("x-api-key"), f"http://{host}" if host else rx.url,
+                                 scripted)
             else:
-                ctype = headers.get("content-type", "").split(";")[0].strip().lower()
-                reply = rx._put(path[len("/v1/put/"):], ctype, body, scripted)
-            return await self._send(writer, peer, lines[0], reply, close=not keep, counted=counted)
+                incoming = _Incoming(rx.store)
+                try:
+                    await conn.read_body(length, incoming.write)
+                    scripted = await self._scripted(step)
+                    ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+                    reply = rx._put(path[len("/v1/put/"):], ctype, incoming, scripted)
+                finally:
+                    incoming.discard()
+            return await self._send(conn, lines[0], reply, close=not keep, counted=counted)
         finally:
             if counted[0]:  # the client went away mid-body
                 rx._leave(dropped=True)
 
-    async def _send(self, writer: asyncio.StreamWriter, peer: str, request_line: str, reply: Reply,
-                    close: bool, counted: list[bool] | None = None) -> bool:
+    async def _scripted(self, step: str) -> int | str | None:
+        """The next scripted answer, once its body is in; "slow" is waited out here."""
+        rx = self.receiver
+        scripted = rx._next(step)
+        if scripted == "slow":
+            await asyncio.sleep(rx.slow_ms / 1000)
+        return scripted
+
+    async def _send(self, conn: _Connection, request_line: str, reply: Reply, close: bool,
+                    counted: list[bool] | None = None) -> bool:
         """Answer (or drop the connection); in-flight ends as the answer is handed over."""
         rx = self.receiver
         status, body, headers = reply
@@ -466,20 +520,188 @@ class _Server:
             rx._leave(dropped=status is None)
         if rx.verbose:  # the request line only: never headers, so never the key
             line = re.sub(r"/v1/put/[^\s\"']+", "/v1/put/<token>", request_line)
-            sys.stderr.write(f"receiver: {peer} \"{line}\" {status or 'dropped'}\n")
+            sys.stderr.write(f"receiver: {conn.peer} \"{line}\" {status or 'dropped'}\n")
         if status is None:
             return False
         with rx._lock:
             rx._answers[status] += 1
         data = json.dumps(body).encode()
-        head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", "Server: imapsync-receiver/1",
-                f"Date: {email.utils.formatdate(usegmt=True)}", "Content-Type: application/json",
-                f"Content-Length: {len(data)}", *(f"{k}: {v}" for k, v in headers.items())]
+        now = int(time.time())
+        if self._date[0] != now:  # formatting the date is a good part of building a reply
+            self._date = (now, email.utils.formatdate(now, usegmt=True))
+        head = (f"HTTP/1.1 {status} {_PHRASES[status]}\r\nServer: imapsync-receiver/1\r\n"
+                f"Date: {self._date[1]}\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n")
+        for k, v in headers.items():
+            head += f"{k}: {v}\r\n"
         if close:
-            head.append("Connection: close")
-        writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + data)
-        await writer.drain()
+            head += "Connection: close\r\n"
+        conn.transport.write((head + "\r\n").encode("latin-1") + data)
+        await conn.drained()
         return not close
+
+
+class _Connection(asyncio.BufferedProtocol):
+    """One client connection: the socket reads into one fixed buffer.
+
+    Request heads are parsed from that buffer; body bytes are handed to a sink (a file
+    and a hash for a PUT) as soon as they arrive. While no one reads (latency, a request
+    being answered), the buffer fills up and then the socket is paused.
+    """
+
+    def __init__(self, server: _Server) -> None:
+        self.server = server
+        self.buf = bytearray(256 * 1024)  # more than _MAX_HEAD
+        self.view = memoryview(self.buf)
+        self.start = self.end = 0  # buffered, unread bytes: buf[start:end]
+        self.sink: Any = None  # while a body is read: where its bytes go
+        self.remaining = 0  # body bytes the sink still expects
+        self.waiter: asyncio.Future[None] | None = None
+        self.error: BaseException | None = None
+        self.eof = self.paused = False
+        self.deadline = math.inf  # while reading: when _Server._sweep gives up on this client
+        self.writable: asyncio.Future[None] | None = None  # set while the transport's buffer is full
+        self.transport: Any = None
+        self.peer = "?"
+
+    # -- asyncio callbacks -----------------------------------------------------------
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.peer = (transport.get_extra_info("peername") or ("?",))[0]
+        self.server.connections.add(self)
+        self.task = self.server.loop.create_task(self.server._serve(self))
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.view[self.end:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.remaining:
+            take = min(nbytes, self.remaining)
+            try:
+                self.sink(self.view[self.end:self.end + take])
+            except Exception as exc:  # noqa: BLE001 - a full disk, say: the reading task raises it
+                self.sink = _discard
+                self._fail(exc)
+                return
+            self.remaining -= take
+            if nbytes > take:  # the start of a next request
+                self.start, self.end = self.end + take, self.end + nbytes
+        else:
+            self.end += nbytes
+        if not self.remaining:
+            self._wake()
+        if self.end == len(self.buf):
+            if self.start:  # make room at the end: move the unread bytes to the front
+                self.buf[:self.end - self.start] = self.view[self.start:self.end]
+                self.start, self.end = 0, self.end - self.start
+            else:
+                self.transport.pause_reading()
+                self.paused = True
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._wake()
+        return True  # keep the transport open: an answer may still be written
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        self._fail(ConnectionResetError("connection lost"))
+        if self.writable is not None and not self.writable.done():
+            self.writable.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.writable = self.server.loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self.writable is not None and not self.writable.done():
+            self.writable.set_result(None)
+        self.writable = None
+
+    # -- for the serving task --------------------------------------------------------
+    async def read_head(self) -> str | None:
+        """The request line and headers (latin-1), or None at a clean end of the connection."""
+        self.deadline = self.server.loop.time() + _IDLE_TIMEOUT
+        try:
+            searched = 0  # unread bytes already searched (the buffer may move its unread bytes)
+            while True:
+                i = self.buf.find(b"\r\n\r\n", self.start + searched, self.end)
+                if i >= 0:
+                    head = self.buf[self.start:i].decode("latin-1")
+                    self._consumed(i + 4)
+                    return head
+                if self.end - self.start > _MAX_HEAD:
+                    raise ConnectionError("request head too long")
+                searched = max(0, self.end - self.start - 3)
+                if self.error is not None:
+                    raise self.error
+                if self.eof:
+                    if self.start == self.end:
+                        return None
+                    raise ConnectionError("connection closed mid-head")
+                await self._wait()
+        finally:
+            self.deadline = math.inf
+
+    async def read_body(self, length: int, sink: Any) -> None:
+        """Hand the next ``length`` bytes to ``sink``, as they arrive."""
+        take = min(length, self.end - self.start)
+        if take:
+            sink(self.view[self.start:self.start + take])
+        self._consumed(self.start + take)
+        if take == length:
+            return
+        self.sink, self.remaining = sink, length - take
+        self.deadline = self.server.loop.time() + _IDLE_TIMEOUT
+        try:
+            while True:
+                if self.error is not None:
+                    raise self.error
+                if not self.remaining:
+                    return
+                if self.eof:
+                    raise ConnectionError("connection closed mid-body")
+                await self._wait()
+        finally:
+            self.deadline = math.inf
+            self.sink, self.remaining = None, 0
+
+    async def drained(self) -> None:
+        if self.writable is not None:
+            await self.writable
+
+    def _consumed(self, upto: int) -> None:
+        self.start = upto
+        if self.start == self.end:
+            self.start = self.end = 0
+        if self.paused:
+            if self.start:
+                self.buf[:self.end - self.start] = self.view[self.start:self.end]
+                self.start, self.end = 0, self.end - self.start
+            if self.end < len(self.buf):  # room again (an empty body consumed nothing)
+                self.paused = False
+                self.transport.resume_reading()
+
+    async def _wait(self) -> None:
+        self.waiter = self.server.loop.create_future()
+        try:
+            await self.waiter
+        finally:
+            self.waiter = None
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+        self._wake()
+
+
+def _discard(chunk: memoryview) -> None:
+    pass
 
 
 def _length(value: str | None) -> int | None:
