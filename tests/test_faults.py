@@ -387,8 +387,10 @@ def _one_error_line(err: str) -> str:
 def test_ledger_disk_full_mid_pass_is_a_clear_error_and_nothing_is_marked_done_that_was_not(
         small_fs, new_mailbox, receiver, env):
     alice = new_mailbox("alice")
-    env.write([env.account(alice)], endpoint=receiver.url, upload=FAST_UPLOADS, fetch={"batch_messages": 5},
-              ledger=str(small_fs / "imapsync.sqlite3"))
+    # One upload at a time (two queued): answers are recorded as the pass goes, so the disk
+    # fills after some of them, whatever the speed of the uploads against the fetching.
+    env.write([env.account(alice)], endpoint=receiver.url, upload={**FAST_UPLOADS, "concurrency": 1},
+              fetch={"batch_messages": 5}, ledger=str(small_fs / "imapsync.sqlite3"))
     assert env.sync()[0] == 0  # the ledger exists, with its schema
     raws = deliver_many(alice, 150, 1_000, "disk-full")
     filler = _fill(small_fs, leave=400 * 1024)

@@ -126,3 +126,37 @@ def test_the_environment_proxy_is_used_unless_no_proxy_names_the_host(receiver, 
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     direct = VaultasticSink("acme.com", receiver.url, API_KEY, retry=FAST, timeout=10)
     assert direct.upload(request()).outcome is Outcome.UPLOADED and len(receiver.uploads()) == 1
+
+
+def test_a_keep_alive_connection_the_server_closed_is_replaced_without_a_retry(tmp_path):
+    """The receiver restarts on the same port between two uploads (its idle connections are
+    cut): the second upload goes out on a new connection at its first attempt."""
+    from imapsync.receiver import Receiver
+
+    first = Receiver(tmp_path / "store", api_key=API_KEY).start()
+    port = first._address[1]  # type: ignore[index]
+    s = VaultasticSink("acme.com", first.url, API_KEY, retry=RetryPolicy(max_attempts=1), timeout=10)
+    try:
+        assert s.upload(request(key="m:1")).outcome is Outcome.UPLOADED
+        first.stop()
+        with Receiver(tmp_path / "store", api_key=API_KEY, port=port) as again:
+            result = s.upload(request(key="m:2"))
+            assert (result.outcome, result.attempts) == (Outcome.UPLOADED, 1)
+            assert len(again.uploads()) == 2  # the first read back from the store, the second new
+    finally:
+        s.close()
+
+
+def test_each_upload_thread_keeps_one_connection(receiver):
+    """Uploads from a few threads reuse their connections: as many as threads, not uploads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    s = VaultasticSink("acme.com", receiver.url, API_KEY, retry=FAST, timeout=10)
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            results = list(pool.map(lambda i: s.upload(request(key=f"m:{i}")), range(30)))
+        assert all(r.outcome is Outcome.UPLOADED for r in results) and len(receiver.uploads()) == 30
+        assert 1 <= len(s._http._open) <= 3  # type: ignore[attr-defined]
+    finally:
+        s.close()
+    assert not s._http._open  # type: ignore[attr-defined]
