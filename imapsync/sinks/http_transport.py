@@ -27,7 +27,13 @@ from typing import BinaryIO
 from urllib.parse import urlsplit
 
 import urllib3
-from urllib3.exceptions import HTTPError, NewConnectionError, ProtocolError, ProxyError, SSLError
+from urllib3.exceptions import (
+    HTTPError,
+    NewConnectionError,
+    ProtocolError,
+    ProxyError,
+    SSLError,
+)
 
 #: Bytes per send when a spooled message is streamed from its file.
 STREAM_BLOCK = 256 * 1024

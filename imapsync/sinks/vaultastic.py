@@ -3,11 +3,11 @@
 The vendor documents the SDK, not the HTTP API; this module implements the model in
 vaultastic-api.md (ask for an upload slot, then PUT the raw message), so a different
 real format is changed here and nowhere else. Requests go through http_transport (one
-keep-alive connection per upload thread; see there why not requests or urllib3's pool on
-this path). Every HTTP attempt takes a token from the
-tenant's bucket; transient answers (connection errors, timeouts, 408, 429, 5xx) are retried by
-tenacity with exponential backoff and full jitter, never sooner than Retry-After, and
-within a budget per message of attempts and seconds. A 429 pauses the whole tenant.
+keep-alive connection per upload thread; it says why not requests or urllib3's pool).
+Every HTTP attempt takes a token from the tenant's bucket; transient answers (connection
+errors, timeouts, 408, 429, 5xx) are retried by tenacity with exponential backoff and
+full jitter, never sooner than Retry-After, and within a budget per message of attempts
+and seconds. A 429 pauses the whole tenant.
 The request id is derived from the message key and vaults, so a retry, even after a
 crash, is answered "already complete" instead of storing the message twice.
 """
@@ -29,7 +29,13 @@ from tenacity.wait import wait_random_exponential
 
 from imapsync.ratelimit import TokenBucket
 from imapsync.sinks.base import Outcome, UploadRequest, UploadResult
-from imapsync.sinks.http_transport import Answer, CannotConnect, ConnectionLost, Transport, TransportError
+from imapsync.sinks.http_transport import (
+    Answer,
+    CannotConnect,
+    ConnectionLost,
+    Transport,
+    TransportError,
+)
 
 TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 #: How often an expired upload slot (403 on the PUT) is asked for again.
