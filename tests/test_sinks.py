@@ -99,6 +99,7 @@ def test_unreachable_endpoint(receiver):
     s = VaultasticSink("acme.com", url, API_KEY, retry=RetryPolicy(max_attempts=2, backoff_factor=0.01))
     result = s.upload(request())
     assert result.outcome is Outcome.UNREACHABLE and API_KEY not in (result.detail or "")
+    assert result.detail == f"cannot reach {url}: connection failed: connection refused"
 
 
 def test_directory_sink_writes_each_upload_once(tmp_path):
@@ -160,3 +161,83 @@ def test_each_upload_thread_keeps_one_connection(receiver):
     finally:
         s.close()
     assert not s._http._open  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def tls_front(receiver, tmp_path):
+    """HTTPS on loopback in front of the receiver (a self-signed certificate for 127.0.0.1),
+    as the real endpoint is HTTPS: (url, certificate file)."""
+    import shutil
+    import socket
+    import ssl
+    import subprocess
+    import threading
+
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl CLI not installed (./dev test installs it as root)")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    target = receiver._address  # type: ignore[attr-defined]
+
+    def pump(src, dst) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def serve() -> None:
+        while True:
+            try:
+                raw, _ = listener.accept()
+            except OSError:
+                return  # closed: the test is over
+            try:
+                client = context.wrap_socket(raw, server_side=True)
+            except (OSError, ssl.SSLError):
+                raw.close()  # a client that refused our certificate
+                continue
+            upstream = socket.create_connection(target)
+            threading.Thread(target=pump, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=pump, args=(upstream, client), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield f"https://127.0.0.1:{listener.getsockname()[1]}", cert
+    listener.close()
+
+
+def test_https_endpoint_with_a_trusted_certificate_uploads(tls_front, receiver, monkeypatch):
+    url, cert = tls_front
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    s = VaultasticSink("acme.com", url, API_KEY, retry=FAST, timeout=10)
+    try:
+        result = s.upload(request())
+    finally:
+        s.close()
+    assert (result.outcome, result.attempts) == (Outcome.UPLOADED, 1)
+    [up] = receiver.uploads()
+    assert (receiver.store / f"{up['uploadId']}.eml").read_bytes() == RAW
+
+
+def test_https_endpoint_with_an_untrusted_certificate_is_unreachable_and_nothing_is_sent(tls_front, receiver,
+                                                                                           monkeypatch):
+    url, _cert = tls_front
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)  # the system's CAs only: they do not know our certificate
+    s = VaultasticSink("acme.com", url, API_KEY, retry=FAST, timeout=10)
+    try:
+        result = s.upload(request())
+    finally:
+        s.close()
+    assert result.outcome is Outcome.UNREACHABLE and "TLS certificate not trusted" in (result.detail or "")
+    assert receiver.stats["posts"] == 0 and receiver.uploads() == []

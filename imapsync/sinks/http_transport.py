@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import http.client
 import select
+import socket
 import ssl
 import threading
 import urllib.request
@@ -127,8 +128,7 @@ class Transport:
             conn.connect()
         except (OSError, http.client.HTTPException) as e:
             conn.close()
-            raise (TimedOut("timed out") if isinstance(e, TimeoutError) and not isinstance(e, ssl.SSLError)
-                   else CannotConnect("connection failed")) from e
+            raise _connect_error(e) from e
         conn.sock.settimeout(self.read_timeout)
         conns[(scheme, netloc)] = conn
         with self._lock:
@@ -157,6 +157,21 @@ class Transport:
         except HTTPError as e:  # timeouts (connect or read)
             raise TimedOut("timed out") from e
         return Answer(r.status, r.headers, r.data)
+
+
+def _connect_error(e: BaseException) -> TransportError:
+    """Why no connection could be made, in words an administrator can act on."""
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return CannotConnect(f"connection failed: TLS certificate not trusted ({e.verify_message})")
+    if isinstance(e, ssl.SSLError):
+        return CannotConnect("connection failed: TLS handshake failed")
+    if isinstance(e, TimeoutError):
+        return TimedOut("timed out")
+    if isinstance(e, ConnectionRefusedError):
+        return CannotConnect("connection failed: connection refused")
+    if isinstance(e, socket.gaierror):
+        return CannotConnect("connection failed: unknown host")
+    return CannotConnect("connection failed")
 
 
 def _closed_by_peer(sock) -> bool:
