@@ -74,6 +74,19 @@ def test_server_errors_past_the_budget_fail_with_reason(sink, receiver):
     assert receiver.uploads() == []
 
 
+def test_the_time_budget_counts_the_first_attempt(tmp_path):
+    """budget_seconds is spent from the first attempt on: a first attempt that times out
+    after the budget is over is not retried, whatever max_attempts allows."""
+    from imapsync.receiver import Receiver
+    with Receiver(tmp_path / "r", api_key=API_KEY, slow_ms=3000) as r:
+        r.script("slow", "slow", "slow")
+        s = VaultasticSink("acme.com", r.url, API_KEY, timeout=0.5,
+                           retry=RetryPolicy(max_attempts=3, backoff_factor=0.01, budget_seconds=0.4))
+        result = s.upload(request())
+        assert (result.outcome, result.reason, result.attempts) == (Outcome.FAILED, "timeout", 1)
+        assert r.stats["posts"] == 1
+
+
 def test_dropped_connection_is_retried(sink, receiver):
     receiver.script("drop")
     assert sink.upload(request()).outcome is Outcome.UPLOADED
