@@ -161,16 +161,19 @@ def test_a_keep_alive_connection_the_server_closed_is_replaced_without_a_retry(t
         s.close()
 
 
-def test_each_upload_thread_keeps_one_connection(receiver):
-    """Uploads from a few threads reuse their connections: as many as threads, not uploads."""
+def test_connections_are_reused_by_later_threads_and_never_outnumber_requests_at_once(receiver):
+    """Three threads upload, then three new threads (the daemon's next pass): the connections
+    of the first are reused by the second, never more than three, and close() closes them."""
     from concurrent.futures import ThreadPoolExecutor
 
     s = VaultasticSink("acme.com", receiver.url, API_KEY, retry=FAST, timeout=10)
     try:
-        with ThreadPoolExecutor(3) as pool:
-            results = list(pool.map(lambda i: s.upload(request(key=f"m:{i}")), range(30)))
-        assert all(r.outcome is Outcome.UPLOADED for r in results) and len(receiver.uploads()) == 30
-        assert 1 <= len(s._http._open) <= 3  # type: ignore[attr-defined]
+        for rounds in range(2):
+            with ThreadPoolExecutor(3) as pool:
+                results = list(pool.map(lambda i, n=rounds: s.upload(request(key=f"m:{n}:{i}")), range(30)))
+            assert all(r.outcome is Outcome.UPLOADED for r in results)
+            assert 1 <= len(s._http._open) <= 3  # type: ignore[attr-defined]
+        assert len(receiver.uploads()) == 60
     finally:
         s.close()
     assert not s._http._open  # type: ignore[attr-defined]

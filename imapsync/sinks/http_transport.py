@@ -4,9 +4,11 @@ Why not urllib3's pool on this hot path: measured against the local receiver (16
 220 KB messages, both steps of an upload), urllib3's connection and response layers cost
 1.45 ms of client CPU per upload against 1.0 ms for the standard library's http.client
 that urllib3 itself is built on, and the upload threads share the interpreter with the
-sync loop, so that difference comes straight off the archiving rate. Each upload thread
-keeps its own connection per endpoint (no pool, no lock); an idle connection the server
-has closed is noticed before it is reused. Proxies from the environment (HTTPS_PROXY,
+sync loop, so that difference comes straight off the archiving rate. Idle keep-alive
+connections wait in a stack per endpoint: a request takes one (or opens one) and puts it
+back after the answer, so there are never more connections than requests at once, and
+they outlive the threads that used them (the daemon's passes come and go). An idle
+connection the server has closed is noticed before it is reused. Proxies from the environment (HTTPS_PROXY,
 NO_PROXY) still go through urllib3's ProxyManager (CONNECT, proxy credentials): that
 path is rare and not hot.
 
@@ -22,6 +24,7 @@ import socket
 import ssl
 import threading
 import urllib.request
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -64,7 +67,7 @@ class Answer:
 
 
 class Transport:
-    """Sends requests for one client; thread-safe (each thread has its own connections)."""
+    """Sends requests for one client; thread-safe."""
 
     def __init__(self, connect_timeout: float, read_timeout: float, *, proxy_pool_size: int = 16,
                  user_agent: str = "imapsync") -> None:
@@ -72,7 +75,7 @@ class Transport:
         self._proxy_pool_size = proxy_pool_size
         self._headers = {"User-Agent": user_agent}
         self._proxies = urllib.request.getproxies()  # read once, not per request
-        self._local = threading.local()
+        self._idle: dict[tuple[str, str], deque[http.client.HTTPConnection]] = {}
         self._lock = threading.Lock()
         self._open: set[http.client.HTTPConnection] = set()
         self._proxy_managers: dict[str, urllib3.ProxyManager] = {}
@@ -84,37 +87,51 @@ class Transport:
         proxy = self._proxies.get(parts.scheme)
         if proxy and not urllib.request.proxy_bypass_environment(parts.hostname or "", self._proxies):
             return self._via_proxy(proxy, method, url, body, headers)
-        conn = self._connection(parts.scheme, parts.netloc)
+        endpoint = (parts.scheme, parts.netloc)
+        conn = self._connection(endpoint)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         try:
             conn.request(method, target, body=body, headers={**self._headers, **(headers or {})})
             response = conn.getresponse()
-            return Answer(response.status, response.headers, response.read())
+            answer = Answer(response.status, response.headers, response.read())
         except TimeoutError as e:
             self._discard(conn)
             raise TimedOut("timed out") from e
         except (http.client.HTTPException, OSError) as e:
             self._discard(conn)
             raise ConnectionLost("connection failed") from e
+        if conn.sock is None:  # the server ended it ("Connection: close")
+            self._discard(conn)
+        else:
+            self._idle[endpoint].append(conn)  # deque append/pop are atomic: no lock
+        return answer
 
     def close(self) -> None:
         with self._lock:
             conns, self._open = list(self._open), set()
+        for idle in self._idle.values():
+            idle.clear()
         for conn in conns:
             conn.close()
         for manager in list(self._proxy_managers.values()):
             manager.clear()
 
-    # -- direct connections, one per thread and endpoint ------------------------------
+    # -- direct connections, kept open between requests --------------------------------
 
-    def _connection(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
-        """This thread's open connection to `netloc`, connecting (or reconnecting) if needed."""
-        conns: dict[tuple[str, str], http.client.HTTPConnection] = self._local.__dict__.setdefault("conns", {})
-        conn = conns.get((scheme, netloc))
-        if conn is not None and conn.sock is not None and not _closed_by_peer(conn.sock):
-            return conn
-        if conn is not None:
+    def _connection(self, endpoint: tuple[str, str]) -> http.client.HTTPConnection:
+        """An idle open connection to `endpoint` that the server has not closed, or a new one."""
+        idle = self._idle.get(endpoint)
+        if idle is None:
+            idle = self._idle.setdefault(endpoint, deque())
+        while idle:
+            try:
+                conn = idle.pop()  # the most recently used: the least likely to have timed out
+            except IndexError:
+                break  # another thread took the last one
+            if conn.sock is not None and not _closed_by_peer(conn.sock):
+                return conn
             self._discard(conn)
+        scheme, netloc = endpoint
         if scheme == "https":
             if self._tls is None:
                 self._tls = ssl.create_default_context()
@@ -130,7 +147,6 @@ class Transport:
             conn.close()
             raise _connect_error(e) from e
         conn.sock.settimeout(self.read_timeout)
-        conns[(scheme, netloc)] = conn
         with self._lock:
             self._open.add(conn)
         return conn
