@@ -189,6 +189,8 @@ def tls_front(receiver, tmp_path):
     import subprocess
     import threading
 
+    from imapsync.testing.fault_proxy import shut_down
+
     if shutil.which("openssl") is None:
         pytest.fail("openssl CLI not installed (./dev test installs it as root)")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
@@ -207,11 +209,7 @@ def tls_front(receiver, tmp_path):
         except OSError:
             pass
         finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            shut_down(src, dst)
 
     def serve() -> None:
         while True:

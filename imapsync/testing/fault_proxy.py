@@ -167,12 +167,9 @@ class FaultProxy:
         except OSError:
             pass
         finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                s.close()
+            shut_down(src, dst)
+            src.close()
+            dst.close()
 
     def _take(self) -> bool:
         """One fault from the budget (always, without a budget)."""
@@ -200,3 +197,13 @@ class FaultProxy:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def shut_down(*socks: socket.socket) -> None:
+    """End both directions of each socket (a forwarding thread's peer then sees EOF),
+    ignoring sockets already gone."""
+    for s in socks:
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
