@@ -2,8 +2,8 @@
 
 The vendor documents the SDK, not the HTTP API; this module implements the model in
 vaultastic-api.md (ask for an upload slot, then PUT the raw message), so a different
-real format is changed here and nowhere else. Requests go through http_transport (one
-keep-alive connection per upload thread; it says why not requests or urllib3's pool).
+real format is changed here and nowhere else. Requests go through http_transport (keep-alive
+connections on http.client; it says why not requests or urllib3's pool).
 Every HTTP attempt takes a token from the tenant's bucket; transient answers (connection
 errors, timeouts, 408, 429, 5xx) are retried by tenacity with exponential backoff and
 full jitter, never sooner than Retry-After, and within a budget per message of attempts
