@@ -36,7 +36,6 @@ def _setup_logging(level: str, fmt: str = "plain") -> None:
     logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
     # imapclient logs protocol lines (with LOGIN arguments) at DEBUG: never let them through.
     logging.getLogger("imapclient").setLevel(logging.WARNING)
-    logging.getLogger("urllib3").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)  # one line per job run otherwise
 

@@ -1,7 +1,7 @@
 """Error types that carry data; only the CLI turns them into words and exit codes.
 
 Each third-party library is translated into these where it is used (imapclient in
-the IMAP source, http.client and urllib3 in the sinks, SQLAlchemy in the ledger), so the sync loop
+the IMAP source, pycurl in the sinks, SQLAlchemy in the ledger), so the sync loop
 and the CLI never see a library's own exception.
 """
 from __future__ import annotations

@@ -164,7 +164,8 @@ class Receiver:
         self._slots: dict[str, _Slot] = {}
         self._tokens: dict[str, _Token] = {}
         self._uploads: list[dict[str, Any]] = []
-        self._counts = {"posts": 0, "puts": 0, "peak_in_flight": 0, "in_flight": 0, "drops": 0}
+        self._counts = {"posts": 0, "puts": 0, "peak_in_flight": 0, "in_flight": 0, "drops": 0,
+                        "connections": 0}
         self._answers: Counter[int] = Counter()
         self._journal: Any = None  # uploads.jsonl, open for appending while serving
         self._server: _Server | None = None
@@ -259,6 +260,10 @@ class Receiver:
             c[kind] += 1
             c["in_flight"] += 1
             c["peak_in_flight"] = max(c["peak_in_flight"], c["in_flight"])
+
+    def _accepted(self) -> None:
+        with self._lock:
+            self._counts["connections"] += 1
 
     def _leave(self, dropped: bool = False) -> None:
         with self._lock:
@@ -571,6 +576,7 @@ class _Connection(asyncio.BufferedProtocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.peer = (transport.get_extra_info("peername") or ("?",))[0]
         self.server.connections.add(self)
+        self.server.receiver._accepted()
         self.task = self.server.loop.create_task(self.server._serve(self))
 
     def get_buffer(self, sizehint: int) -> memoryview:

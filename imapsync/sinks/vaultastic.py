@@ -3,7 +3,7 @@
 The vendor documents the SDK, not the HTTP API; this module implements the model in
 vaultastic-api.md (ask for an upload slot, then PUT the raw message), so a different
 real format is changed here and nowhere else. Requests go through http_transport (keep-alive
-connections on http.client; it says why not requests or urllib3's pool).
+connections on libcurl; it says why not http.client, requests or urllib3's pool).
 Every HTTP attempt takes a token from the tenant's bucket; transient answers (connection
 errors, timeouts, 408, 429, 5xx) are retried by tenacity with exponential backoff and
 full jitter, never sooner than Retry-After, and within a budget per message of attempts
@@ -68,7 +68,7 @@ class VaultasticSink:
         self._api_key = api_key
         self.retry = retry
         self.bucket = TokenBucket(rate, burst)
-        self._http = Transport(min(10.0, timeout), timeout, proxy_pool_size=pool_size)
+        self._http = Transport(min(10.0, timeout), timeout)
 
     def __repr__(self) -> str:
         return f"VaultasticSink({self.domain}, {self.endpoint})"
