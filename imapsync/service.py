@@ -42,7 +42,7 @@ def make_sinks(loaded: LoadedConfig) -> dict[str, Sink]:
                          backoff_max=up.backoff_max, budget_seconds=up.budget_seconds)
     return {
         t.domain: VaultasticSink(t.domain, t.endpoint or "", loaded.api_key(t).get_secret_value(),  # type: ignore[union-attr]
-                                 retry=policy, timeout=up.timeout, pool_size=up.concurrency,
+                                 retry=policy, timeout=up.timeout,
                                  rate=up.rate, burst=up.burst)
         for t in cfg.tenants
     }

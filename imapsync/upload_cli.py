@@ -209,8 +209,7 @@ def send(plan: Plan, target: Target, policy: Policy) -> UploadResult:
 
     retry = RetryPolicy(max_attempts=policy.max_attempts, backoff_factor=policy.backoff_factor,
                         backoff_max=policy.backoff_max, budget_seconds=policy.budget_seconds)
-    sink = VaultasticSink(target.domain, target.endpoint, target.api_key, retry=retry, timeout=policy.timeout,
-                          pool_size=1)
+    sink = VaultasticSink(target.domain, target.endpoint, target.api_key, retry=retry, timeout=policy.timeout)
     try:
         return sink.upload(UploadRequest.of(plan.key, target.domain, plan.vaults, plan.sender, plan.raw))
     finally:

@@ -29,8 +29,7 @@ def test_uploads_reach_the_configured_concurrency_and_never_exceed_it(new_mailbo
 
 def test_a_429_pauses_the_whole_tenant_and_nothing_is_lost_or_doubled(tmp_path):
     with Receiver(tmp_path / "r", api_key=API_KEY, retry_after=1) as r:
-        sink = VaultasticSink(DOMAIN, r.url, API_KEY, retry=RetryPolicy(max_attempts=4, backoff_factor=0.01),
-                              pool_size=8)
+        sink = VaultasticSink(DOMAIN, r.url, API_KEY, retry=RetryPolicy(max_attempts=4, backoff_factor=0.01))
         r.script(429)
         requests = [UploadRequest.of(f"m:{i}", DOMAIN, [f"u{i}@{DOMAIN}"], None, message(subject=f"s{i}"))
                     for i in range(24)]

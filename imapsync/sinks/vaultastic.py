@@ -61,7 +61,7 @@ class VaultasticSink:
     """Uploads to one tenant (primary domain) of the Vaultastic API. Thread-safe."""
 
     def __init__(self, domain: str, endpoint: str, api_key: str, *, retry: RetryPolicy = RetryPolicy(),
-                 timeout: float = 120.0, pool_size: int = 16, rate: float = DEFAULT_RATE,
+                 timeout: float = 120.0, rate: float = DEFAULT_RATE,
                  burst: int = DEFAULT_BURST):
         self.domain = domain
         self.endpoint = endpoint.rstrip("/")
