@@ -153,15 +153,14 @@ class Transport:
             h.setopt(pycurl.CAINFO, self._cafile)
         if self._capath:
             h.setopt(pycurl.CAPATH, self._capath)
-        size = headers.get("Content-Length")
+        size = next((value for name, value in headers.items() if name.lower() == "content-length"), None)
         lines = [f"{name}: {value}" for name, value in headers.items() if name.lower() != "content-length"]
         h.setopt(pycurl.HTTPHEADER, [f"User-Agent: {self._user_agent}", *lines, "Expect:"])
-        if method == "GET" and body is None:
-            h.setopt(pycurl.HTTPGET, 1)
-            h.setopt(pycurl.TIMEOUT_MS, round(self._read_timeout * 1000))
-            return
         streamed = body is not None and not isinstance(body, (bytes, bytearray))
-        if streamed:  # a spooled message, read from its file; rewound if libcurl sends it again
+        if method == "GET" and body is None:
+            length = 0
+            h.setopt(pycurl.HTTPGET, 1)
+        elif streamed:  # a spooled message, read from its file; rewound if libcurl sends it again
             start = body.tell()
 
             def rewind(offset: int, _origin: int) -> int:
@@ -178,7 +177,7 @@ class Transport:
             h.setopt(pycurl.POSTFIELDSIZE_LARGE, length)
             h.setopt(pycurl.POSTFIELDS, bytes(body or b""))
         h.setopt(pycurl.TIMEOUT_MS, round((self._read_timeout + length / SLOWEST_BODY_RATE) * 1000))
-        if method != ("PUT" if streamed else "POST"):
+        if method not in ("GET", "PUT" if streamed else "POST"):
             h.setopt(pycurl.CUSTOMREQUEST, method)
 
     def _proxy_for(self, url: str) -> str:
