@@ -3,7 +3,8 @@
 One command (`make bench`, or `.venv/bin/python bench/run.py`) starts Dovecot on
 loopback, seeds the corpus (bench/corpus.py) straight into Maildir, starts the local
 receiver, and runs each contender as a whole process, timed, with its peak RSS, the
-median of --runs runs:
+median of --runs runs (--ratio-runs for the directory sink and the receiver at 0 ms,
+which take turns, since their ratio is a target):
 
   imapsync -> receiver (0 ms)     imapsync backfill into the local receiver, no latency
   imapsync -> directory           imapsync backfill into the directory sink
@@ -37,7 +38,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -62,6 +64,7 @@ class Row:
     rss_mb: float
     runs: int
     note: str = ""
+    times: list[float] = field(default_factory=list)  # each run's wall seconds, in order
 
 
 GNU_TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
@@ -89,18 +92,50 @@ def timed(cmd: list[str], env: dict | None = None, cwd: str | None = None) -> tu
     return elapsed, rss_kb / 1024, code
 
 
+@dataclass
+class Contender:
+    name: str
+    prepare: Callable[[int], Path]  # run index -> a fresh work directory
+    cmd_for: Callable[[Path], tuple[list[str], dict]]
+    finish: Callable[[], None] = lambda: None  # after each run (e.g. stop the receiver it started)
+
+
 def median_run(name: str, runs: int, prepare, cmd_for, copies: int, nbytes: int, note: str = "") -> Row:
-    times, rss = [], []
+    return interleaved([Contender(name, prepare, cmd_for)], runs, copies, nbytes)[0]
+
+
+def interleaved(contenders: list[Contender], runs: int, copies: int, nbytes: int) -> list[Row]:
+    """Run 1 of each contender, then run 2 of each, and so on; a row each (median of its runs).
+
+    Contenders whose ratio is a target run in turn rather than one after the other, so
+    that a machine that gets slower or faster during the bench (a VM's neighbours) moves
+    both sides of the ratio alike: run i of one is compared with run i of the other.
+    """
+    times: dict[str, list[float]] = {c.name: [] for c in contenders}
+    rss: dict[str, list[float]] = {c.name: [] for c in contenders}
+    notes: dict[str, str] = {c.name: "" for c in contenders}
     for i in range(runs):
-        cmd, env = cmd_for(prepare(i))
-        t, r, code = timed(cmd, env)
-        if code not in (0,):
-            note = (note + f" exit {code}").strip()
-        times.append(t)
-        rss.append(r)
-        print(f"  {name} run {i + 1}: {t:.2f}s, {copies / t:.0f} msgs/s, RSS {r:.0f} MB", flush=True)
-    t = statistics.median(times)
-    return Row(name, round(t, 2), round(copies / t, 1), round(nbytes / 1e6 / t, 1), round(max(rss), 1), runs, note)
+        for c in contenders:
+            cmd, env = c.cmd_for(c.prepare(i))
+            t, r, code = timed(cmd, env)
+            if code != 0:
+                notes[c.name] = (notes[c.name] + f" exit {code}").strip()
+            c.finish()
+            times[c.name].append(t)
+            rss[c.name].append(r)
+            print(f"  {c.name} run {i + 1}: {t:.2f}s, {copies / t:.0f} msgs/s, RSS {r:.0f} MB", flush=True)
+    rows = []
+    for c in contenders:
+        t = statistics.median(times[c.name])
+        rows.append(Row(c.name, round(t, 2), round(copies / t, 1), round(nbytes / 1e6 / t, 1),
+                        round(max(rss[c.name]), 1), runs, notes[c.name], [round(x, 3) for x in times[c.name]]))
+    return rows
+
+
+def paired_ratio(faster_is: Row, base: Row) -> tuple[float, list[float]]:
+    """Throughput of `faster_is` over `base`, run by run (interleaved runs): (median, each)."""
+    each = [b / a for a, b in zip(faster_is.times, base.times)]
+    return statistics.median(each), each
 
 
 def imapsync_cmd(work: Path, config: dict, verb: str = "backfill") -> tuple[list[str], dict]:
@@ -191,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--messages", type=int, default=10_000)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--ratio-runs", type=int, default=5, metavar="N",
+                    help="interleaved runs of the directory sink and the receiver at 0 ms (their ratio is a target)")
     ap.add_argument("--poll-accounts", type=int, default=100)
     ap.add_argument("--only", nargs="*", default=None,
                     help="subset: receiver directory latency mbsync getmail floor poll")
@@ -225,30 +262,44 @@ def main(argv: list[str] | None = None) -> int:
         def base_config(work: Path) -> dict:
             return {"ledger": str(work / "ledger.sqlite3"), "accounts": [account(dovecot.port)]}
 
-        if "directory" in want:
-            rows.append(median_run("imapsync -> directory", args.runs, lambda i: fresh(i, "dir"), lambda w: imapsync_cmd(
-                w, dict(base_config(w), sink="directory", directory=str(w / "out"),
-                        tenants=[{"domain": DOMAIN}])), n, nbytes))
-        for name, latency in (("receiver", 0), ("latency", 200)):
-            if name not in want:
-                continue
-            receivers: list[Receiver] = []  # a fresh receiver per run: it remembers request ids
+        peak_in_flight: dict[str, int] = {}
 
-            def prep(i: int, name=name, latency=latency, receivers=receivers) -> Path:
-                work = fresh(i, name)
-                receivers.append(Receiver(work / "received", api_key="bench-key", latency_ms=latency).start())
+        def directory() -> Contender:
+            return Contender("imapsync -> directory", lambda i: fresh(i, "dir"), lambda w: imapsync_cmd(
+                w, dict(base_config(w), sink="directory", directory=str(w / "out"), tenants=[{"domain": DOMAIN}])))
+
+        def receiver(latency: int) -> Contender:
+            """A fresh receiver for each run (it remembers request ids), stopped after it."""
+            name = f"imapsync -> receiver ({latency} ms)"
+            running: list[Receiver] = []
+
+            def prepare(i: int) -> Path:
+                work = fresh(i, f"receiver{latency}")
+                running.append(Receiver(work / "received", api_key="bench-key", latency_ms=latency).start())
                 return work
 
-            def cmd(w: Path, receivers=receivers) -> tuple[list[str], dict]:
+            def cmd(w: Path) -> tuple[list[str], dict]:
                 return imapsync_cmd(w, dict(base_config(w), tenants=[{
-                    "domain": DOMAIN, "endpoint": receivers[-1].url, "api_key": {"env": "BENCH_KEY"}}],
+                    "domain": DOMAIN, "endpoint": running[-1].url, "api_key": {"env": "BENCH_KEY"}}],
                     upload={"max_attempts": 3, "backoff_factor": 0.1}))
 
-            row = median_run(f"imapsync -> receiver ({latency} ms)", args.runs, prep, cmd, n, nbytes)
-            row.note = f"peak uploads in flight {max(r.stats['peak_in_flight'] for r in receivers)}"
-            for r in receivers:
-                r.stop()
-            rows.append(row)
+            def finish() -> None:
+                rx = running.pop()
+                rx.stop()
+                peak_in_flight[name] = max(peak_in_flight.get(name, 0), rx.stats["peak_in_flight"])
+
+            return Contender(name, prepare, cmd, finish)
+
+        # The directory sink and the receiver at 0 ms take turns: their ratio is a target.
+        pair = [make for make, key in ((directory, "directory"), (lambda: receiver(0), "receiver")) if key in want]
+        if pair:
+            rows.extend(interleaved([make() for make in pair], args.ratio_runs if len(pair) == 2 else args.runs,
+                                    n, nbytes))
+        if "latency" in want:
+            rows.extend(interleaved([receiver(200)], args.runs, n, nbytes))
+        for row in rows:
+            if row.tool in peak_in_flight:
+                row.note = f"peak uploads in flight {peak_in_flight[row.tool]}"
         if "mbsync" in want:
             rows.append(median_run("mbsync (isync)", args.runs, lambda i: fresh(i, "mbsync"),
                                    lambda w: mbsync_cmd(dovecot.port, w), n, nbytes))
@@ -322,8 +373,10 @@ def report(rows: list[Row], poll: float | None, args, corpus) -> None:
             ratios.append(f"directory sink / {peer}: {ratio:.2f}x ({goal} >= {want:g}x: {check(ratio >= want)})")
     recv0 = by.get("imapsync -> receiver (0 ms)")
     if ours and recv0:
-        ratio = recv0.msgs_per_s / ours.msgs_per_s
-        ratios.append(f"receiver (0 ms) / directory sink: {ratio:.2f}x (target >= 0.8x: {check(ratio >= 0.8)})")
+        ratio, each = paired_ratio(recv0, ours)
+        ratios.append(f"receiver (0 ms) / directory sink: {ratio:.2f}x, the median of {len(each)} interleaved pairs "
+                      f"({', '.join(f'{r:.2f}' for r in each)}; ratio of the medians "
+                      f"{recv0.msgs_per_s / ours.msgs_per_s:.2f}x) (target >= 0.8x: {check(ratio >= 0.8)})")
     lat = by.get("imapsync -> receiver (200 ms)")
     if lat:
         target = 0.8 * 16 / 0.2
