@@ -65,14 +65,17 @@ class Row:
     runs: int
     note: str = ""
     times: list[float] = field(default_factory=list)  # each run's wall seconds, in order
+    cpu_ms: float = 0.0  # the contender's own CPU (user + system) per message, median of the runs
+    receiver_cpu_ms: float = 0.0  # the local receiver's CPU per message (it runs in this process)
 
 
 GNU_TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
 
 
-def timed(cmd: list[str], env: dict | None = None, cwd: str | None = None) -> tuple[float, float, int]:
-    """Run a whole process; (wall seconds, peak RSS in MB, exit code).
+def timed(cmd: list[str], env: dict | None = None, cwd: str | None = None) -> tuple[float, float, float, int]:
+    """Run a whole process; (wall seconds, peak RSS in MB, CPU seconds, exit code).
 
+    The CPU is the process's and its children's, user and system, as the kernel counts it.
     The peak RSS comes from GNU time when installed: a child forked from this (large)
     Python process would otherwise report this process's size as its own peak.
     """
@@ -89,7 +92,7 @@ def timed(cmd: list[str], env: dict | None = None, cwd: str | None = None) -> tu
     if code != 0:
         print(f"  ! {cmd[0]} exited {code}: {err.strip()[-500:]}", file=sys.stderr)
     rss_kb = int(measured[-1]) if measured and measured[-1].isdigit() else usage.ru_maxrss
-    return elapsed, rss_kb / 1024, code
+    return elapsed, rss_kb / 1024, usage.ru_utime + usage.ru_stime, code
 
 
 @dataclass
@@ -113,22 +116,30 @@ def interleaved(contenders: list[Contender], runs: int, copies: int, nbytes: int
     """
     times: dict[str, list[float]] = {c.name: [] for c in contenders}
     rss: dict[str, list[float]] = {c.name: [] for c in contenders}
+    cpu: dict[str, list[float]] = {c.name: [] for c in contenders}
+    beside: dict[str, list[float]] = {c.name: [] for c in contenders}  # this process: the receiver
     notes: dict[str, str] = {c.name: "" for c in contenders}
     for i in range(runs):
         for c in contenders:
             cmd, env = c.cmd_for(c.prepare(i))
-            t, r, code = timed(cmd, env)
+            before = os.times()
+            t, r, used, code = timed(cmd, env)
+            after = os.times()
             if code != 0:
                 notes[c.name] = (notes[c.name] + f" exit {code}").strip()
             c.finish()
             times[c.name].append(t)
             rss[c.name].append(r)
+            cpu[c.name].append(used)
+            beside[c.name].append(after.user - before.user + after.system - before.system)
             print(f"  {c.name} run {i + 1}: {t:.2f}s, {copies / t:.0f} msgs/s, RSS {r:.0f} MB", flush=True)
     rows = []
     for c in contenders:
         t = statistics.median(times[c.name])
         rows.append(Row(c.name, round(t, 2), round(copies / t, 1), round(nbytes / 1e6 / t, 1),
-                        round(max(rss[c.name]), 1), runs, notes[c.name], [round(x, 3) for x in times[c.name]]))
+                        round(max(rss[c.name]), 1), runs, notes[c.name], [round(x, 3) for x in times[c.name]],
+                        round(statistics.median(cpu[c.name]) / copies * 1e3, 2),
+                        round(statistics.median(beside[c.name]) / copies * 1e3, 2)))
     return rows
 
 
@@ -346,7 +357,7 @@ def no_change_poll(dovecot: Dovecot, scratch: Path, accounts: int, runs: int) ->
     timed(cmd, env)  # the first pass archives; the timed ones find nothing new
     times = []
     for i in range(runs):
-        t, r, _ = timed(cmd, env)
+        t, r, _, _ = timed(cmd, env)
         times.append(t)
         print(f"  no-change poll run {i + 1}: {t:.2f}s (RSS {r:.0f} MB)", flush=True)
     return round(statistics.median(times), 2)
@@ -354,12 +365,16 @@ def no_change_poll(dovecot: Dovecot, scratch: Path, accounts: int, runs: int) ->
 
 def report(rows: list[Row], poll: float | None, args, corpus) -> None:
     by = {r.tool: r for r in rows}
-    lines = [f"{'tool':32} {'msgs/s':>9} {'MB/s':>8} {'peak RSS MB':>12} {'seconds':>9}  note",
-             "-" * 90]
+    lines = [f"{'tool':32} {'msgs/s':>9} {'MB/s':>8} {'peak RSS MB':>12} {'seconds':>9} {'CPU ms/msg':>11}  note",
+             "-" * 101]
     for r in rows:
-        lines.append(f"{r.tool:32} {r.msgs_per_s:>9.1f} {r.mb_per_s:>8.1f} {r.rss_mb:>12.0f} {r.seconds:>9.2f}  {r.note}")
+        note = "; ".join(filter(None, [r.note, f"receiver CPU {r.receiver_cpu_ms:.2f} ms/msg"
+                                       if r.receiver_cpu_ms >= 0.01 else ""]))
+        lines.append(f"{r.tool:32} {r.msgs_per_s:>9.1f} {r.mb_per_s:>8.1f} {r.rss_mb:>12.0f} {r.seconds:>9.2f} "
+                     f"{r.cpu_ms:>11.2f}  {note}")
     if poll is not None:
-        lines.append(f"{'no-change poll (' + str(args.poll_accounts) + ' x 10 folders)':32} {'':>9} {'':>8} {'':>12} {poll:>9.2f}")
+        lines.append(f"{'no-change poll (' + str(args.poll_accounts) + ' x 10 folders)':32} {'':>9} {'':>8} {'':>12} "
+                     f"{poll:>9.2f}")
     ours = by.get("imapsync -> directory")
     ratios = []
 
@@ -377,6 +392,9 @@ def report(rows: list[Row], poll: float | None, args, corpus) -> None:
         ratios.append(f"receiver (0 ms) / directory sink: {ratio:.2f}x, the median of {len(each)} interleaved pairs "
                       f"({', '.join(f'{r:.2f}' for r in each)}; ratio of the medians "
                       f"{recv0.msgs_per_s / ours.msgs_per_s:.2f}x) (target >= 0.8x: {check(ratio >= 0.8)})")
+        ratios.append(f"  imapsync's own CPU per message: {recv0.cpu_ms:.2f} ms into the receiver, {ours.cpu_ms:.2f} ms "
+                      f"into the directory sink ({recv0.cpu_ms / ours.cpu_ms:.2f}x); the local receiver, on the same "
+                      f"{os.cpu_count()} cores, used another {recv0.receiver_cpu_ms:.2f} ms per message")
     lat = by.get("imapsync -> receiver (200 ms)")
     if lat:
         target = 0.8 * 16 / 0.2
