@@ -143,9 +143,9 @@ def interleaved(contenders: list[Contender], runs: int, copies: int, nbytes: int
     return rows
 
 
-def paired_ratio(faster_is: Row, base: Row) -> tuple[float, list[float]]:
-    """Throughput of `faster_is` over `base`, run by run (interleaved runs): (median, each)."""
-    each = [b / a for a, b in zip(faster_is.times, base.times)]
+def paired_ratio(row: Row, base: Row) -> tuple[float, list[float]]:
+    """Throughput of `row` over `base`, run i against run i (interleaved runs): (median, each)."""
+    each = [b / a for a, b in zip(row.times, base.times)]
     return statistics.median(each), each
 
 
