@@ -103,7 +103,7 @@ class Contender:
     finish: Callable[[], None] = lambda: None  # after each run (e.g. stop the receiver it started)
 
 
-def median_run(name: str, runs: int, prepare, cmd_for, copies: int, nbytes: int, note: str = "") -> Row:
+def median_run(name: str, runs: int, prepare, cmd_for, copies: int, nbytes: int) -> Row:
     return interleaved([Contender(name, prepare, cmd_for)], runs, copies, nbytes)[0]
 
 

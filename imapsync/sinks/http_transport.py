@@ -182,6 +182,8 @@ class Transport:
 
     def _proxy_for(self, url: str) -> str:
         """The environment's proxy for this URL, or "" (direct, whatever libcurl would read)."""
+        if not self._proxies:  # the usual case: no URL parsing on every request
+            return ""
         parts = urlsplit(url)
         proxy = self._proxies.get(parts.scheme)
         if proxy and not urllib.request.proxy_bypass_environment(parts.hostname or "", self._proxies):
