@@ -67,9 +67,20 @@ class Row:
     times: list[float] = field(default_factory=list)  # each run's wall seconds, in order
     cpu_ms: float = 0.0  # the contender's own CPU (user + system) per message, median of the runs
     receiver_cpu_ms: float = 0.0  # the local receiver's CPU per message (it runs in this process)
+    steal: float = 0.0  # the largest share of the CPUs the hypervisor gave to others during a run
 
 
 GNU_TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
+
+
+def cpu_ticks() -> tuple[int, int]:
+    """(all, stolen) CPU ticks of the machine so far, from /proc/stat (0, 0 elsewhere)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return sum(fields[:8]), fields[7] if len(fields) > 7 else 0
 
 
 def timed(cmd: list[str], env: dict | None = None, cwd: str | None = None) -> tuple[float, float, float, int]:
@@ -118,13 +129,15 @@ def interleaved(contenders: list[Contender], runs: int, copies: int, nbytes: int
     rss: dict[str, list[float]] = {c.name: [] for c in contenders}
     cpu: dict[str, list[float]] = {c.name: [] for c in contenders}
     beside: dict[str, list[float]] = {c.name: [] for c in contenders}  # this process: the receiver
+    steal: dict[str, list[float]] = {c.name: [] for c in contenders}
     notes: dict[str, str] = {c.name: "" for c in contenders}
     for i in range(runs):
         for c in contenders:
             cmd, env = c.cmd_for(c.prepare(i))
-            before = os.times()
+            before, ticks = os.times(), cpu_ticks()
             t, r, used, code = timed(cmd, env)
-            after = os.times()
+            after, (total, stolen) = os.times(), [b - a for a, b in zip(ticks, cpu_ticks())]
+            steal[c.name].append(stolen / total if total else 0.0)
             if code != 0:
                 notes[c.name] = (notes[c.name] + f" exit {code}").strip()
             c.finish()
@@ -132,14 +145,15 @@ def interleaved(contenders: list[Contender], runs: int, copies: int, nbytes: int
             rss[c.name].append(r)
             cpu[c.name].append(used)
             beside[c.name].append(after.user - before.user + after.system - before.system)
-            print(f"  {c.name} run {i + 1}: {t:.2f}s, {copies / t:.0f} msgs/s, RSS {r:.0f} MB", flush=True)
+            print(f"  {c.name} run {i + 1}: {t:.2f}s, {copies / t:.0f} msgs/s, RSS {r:.0f} MB, "
+                  f"steal {steal[c.name][-1]:.0%}", flush=True)
     rows = []
     for c in contenders:
         t = statistics.median(times[c.name])
         rows.append(Row(c.name, round(t, 2), round(copies / t, 1), round(nbytes / 1e6 / t, 1),
                         round(max(rss[c.name]), 1), runs, notes[c.name], [round(x, 3) for x in times[c.name]],
                         round(statistics.median(cpu[c.name]) / copies * 1e3, 2),
-                        round(statistics.median(beside[c.name]) / copies * 1e3, 2)))
+                        round(statistics.median(beside[c.name]) / copies * 1e3, 2), round(max(steal[c.name]), 3)))
     return rows
 
 
@@ -368,8 +382,9 @@ def report(rows: list[Row], poll: float | None, args, corpus) -> None:
     lines = [f"{'tool':32} {'msgs/s':>9} {'MB/s':>8} {'peak RSS MB':>12} {'seconds':>9} {'CPU ms/msg':>11}  note",
              "-" * 101]
     for r in rows:
-        note = "; ".join(filter(None, [r.note, f"receiver CPU {r.receiver_cpu_ms:.2f} ms/msg"
-                                       if r.receiver_cpu_ms >= 0.01 else ""]))
+        note = "; ".join(filter(None, [
+            r.note, f"receiver CPU {r.receiver_cpu_ms:.2f} ms/msg" if r.receiver_cpu_ms >= 0.01 else "",
+            f"up to {r.steal:.0%} of the CPUs stolen by the host" if r.steal >= 0.02 else ""]))
         lines.append(f"{r.tool:32} {r.msgs_per_s:>9.1f} {r.mb_per_s:>8.1f} {r.rss_mb:>12.0f} {r.seconds:>9.2f} "
                      f"{r.cpu_ms:>11.2f}  {note}")
     if poll is not None:
