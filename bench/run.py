@@ -22,8 +22,11 @@ server.
 
 Every imapsync run starts from an empty ledger and an empty sink, so each one is a
 full backfill of the corpus (the same planning, dedup and upload path as continuous
-sync). It prints one table, the ratios against the targets of issue 6, and writes them
-with the machine's details to bench/results/. Profile a contender with py-spy, e.g.
+sync), and after a sync(2): what the run before wrote is on disk before the clock starts.
+The receiver keeps what it receives in memory (/dev/shm) when the corpus fits: it stands
+in for a service whose disks are elsewhere, yet it shares the cores with imapsync. It
+prints one table, the ratios against the targets of issue 6, and writes them with the
+machine's details to bench/results/. Profile a contender with py-spy, e.g.
 `py-spy record --gil -o profile.svg -- .venv/bin/imapsync backfill --config ...`.
 """
 from __future__ import annotations
@@ -53,6 +56,19 @@ from imapsync.receiver import Receiver  # noqa: E402
 from imapsync.testing.dovecot import Dovecot  # noqa: E402
 
 USER, PASSWORD, DOMAIN = "bench@acme.com", "bench-password", "acme.com"
+
+#: Where the local receiver keeps what it receives, when it has room: memory (tmpfs).
+IN_MEMORY = Path("/dev/shm")
+
+
+def stand_in_store(work: Path, nbytes: int) -> Path:
+    """The receiver stands in for a service whose storage is on other machines, yet it
+    runs on the same cores as imapsync. On ext4 its file creation was a third of its CPU
+    per upload (1.4 against 0.95 ms), so it stores in memory when the corpus fits twice
+    over; otherwise beside the run, on disk."""
+    if IN_MEMORY.is_dir() and os.access(IN_MEMORY, os.W_OK) and shutil.disk_usage(IN_MEMORY).free > 2 * nbytes:
+        return Path(tempfile.mkdtemp(prefix="imapsync-bench-received-", dir=IN_MEMORY))
+    return work / "received"
 
 
 @dataclass
@@ -134,13 +150,16 @@ def interleaved(contenders: list[Contender], runs: int, copies: int, nbytes: int
     for i in range(runs):
         for c in contenders:
             cmd, env = c.cmd_for(c.prepare(i))
+            os.sync()  # what the run before wrote (2.3 GB for a sink) is written back now, not during this run
             before, ticks = os.times(), cpu_ticks()
-            t, r, used, code = timed(cmd, env)
-            after, (total, stolen) = os.times(), [b - a for a, b in zip(ticks, cpu_ticks())]
+            try:
+                t, r, used, code = timed(cmd, env)
+                after, (total, stolen) = os.times(), [b - a for a, b in zip(ticks, cpu_ticks())]
+            finally:  # even on Ctrl-C: a receiver's store in memory must not outlive the bench
+                c.finish()
             steal[c.name].append(stolen / total if total else 0.0)
             if code != 0:
                 notes[c.name] = (notes[c.name] + f" exit {code}").strip()
-            c.finish()
             times[c.name].append(t)
             rss[c.name].append(r)
             cpu[c.name].append(used)
@@ -300,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
 
             def prepare(i: int) -> Path:
                 work = fresh(i, f"receiver{latency}")
-                running.append(Receiver(work / "received", api_key="bench-key", latency_ms=latency).start())
+                running.append(Receiver(stand_in_store(work, nbytes), api_key="bench-key",
+                                        latency_ms=latency).start())
                 return work
 
             def cmd(w: Path) -> tuple[list[str], dict]:
@@ -311,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             def finish() -> None:
                 rx = running.pop()
                 rx.stop()
+                shutil.rmtree(rx.store, ignore_errors=True)  # it may be in memory: free it now
                 peak_in_flight[name] = max(peak_in_flight.get(name, 0), rx.stats["peak_in_flight"])
 
             return Contender(name, prepare, cmd, finish)
