@@ -173,11 +173,11 @@ def interleaved(contenders: list[Contender], runs: int, copies: int, nbytes: int
             finally:  # even on Ctrl-C: a receiver's store in memory must not outlive the bench
                 c.finish()
             steal[c.name].append(stolen / total if total else 0.0)
-            if code != 0:
-                notes[c.name] = (notes[c.name] + f" exit {code}").strip()
             got = c.delivered(work) if c.delivered else copies
-            if got != copies:
-                notes[c.name] = (notes[c.name] + f" run {i + 1} delivered {got:,} of {copies:,}").strip()
+            if code != 0 or got != copies:
+                said = f"run {i + 1}" + (f" exit {code}" if code else "") + (
+                    f", delivered {got:,} of {copies:,}" if got != copies else "")
+                notes[c.name] = f"{notes[c.name]}; {said}" if notes[c.name] else said
             done[c.name].append(got)
             times[c.name].append(t)
             rss[c.name].append(r)
