@@ -129,6 +129,7 @@ class Contender:
     cmd_for: Callable[[Path], tuple[list[str], dict]]
     finish: Callable[[], None] = lambda: None  # after each run (e.g. stop the receiver it started)
     delivered: Callable[[Path], int] | None = None  # messages the run left in its work directory
+    serves: bool = False  # this process serves it (the local receiver): count this process's CPU
 
 
 def maildir_messages(work: Path) -> int:
@@ -140,6 +141,18 @@ def maildir_messages(work: Path) -> int:
 def median_run(name: str, runs: int, prepare, cmd_for, copies: int, nbytes: int,
                delivered: Callable[[Path], int] | None = None) -> Row:
     return interleaved([Contender(name, prepare, cmd_for, delivered=delivered)], runs, copies, nbytes)[0]
+
+
+@dataclass
+class Run:
+    """One timed run of a contender."""
+
+    seconds: float
+    rss_mb: float
+    cpu: float  # the contender's CPU seconds
+    beside: float  # this process's CPU seconds meanwhile, for a contender it serves: the receiver's
+    steal: float  # the share of the machine's CPU the host took meanwhile
+    delivered: int
 
 
 def interleaved(contenders: list[Contender], runs: int, copies: int, nbytes: int) -> list[Row]:
@@ -154,13 +167,8 @@ def interleaved(contenders: list[Contender], runs: int, copies: int, nbytes: int
     getmail6 sometimes ends early on a race of its own, after a stall, and such a run
     measures the stall more than the tool.
     """
-    times: dict[str, list[float]] = {c.name: [] for c in contenders}
-    rss: dict[str, list[float]] = {c.name: [] for c in contenders}
-    cpu: dict[str, list[float]] = {c.name: [] for c in contenders}
-    beside: dict[str, list[float]] = {c.name: [] for c in contenders}  # this process: the receiver
-    steal: dict[str, list[float]] = {c.name: [] for c in contenders}
-    notes: dict[str, str] = {c.name: "" for c in contenders}
-    done: dict[str, list[int]] = {c.name: [] for c in contenders}  # messages delivered, each run
+    done: dict[str, list[Run]] = {c.name: [] for c in contenders}
+    notes: dict[str, list[str]] = {c.name: [] for c in contenders}
     for i in range(runs):
         for c in contenders:
             work = c.prepare(i)
@@ -172,32 +180,27 @@ def interleaved(contenders: list[Contender], runs: int, copies: int, nbytes: int
                 after, (total, stolen) = os.times(), [b - a for a, b in zip(ticks, cpu_ticks())]
             finally:  # even on Ctrl-C: a receiver's store in memory must not outlive the bench
                 c.finish()
-            steal[c.name].append(stolen / total if total else 0.0)
-            got = c.delivered(work) if c.delivered else copies
-            if code != 0 or got != copies:
-                said = f"run {i + 1}" + (f" exit {code}" if code else "") + (
-                    f", delivered {got:,} of {copies:,}" if got != copies else "")
-                notes[c.name] = f"{notes[c.name]}; {said}" if notes[c.name] else said
-            done[c.name].append(got)
-            times[c.name].append(t)
-            rss[c.name].append(r)
-            cpu[c.name].append(used)
-            beside[c.name].append(after.user - before.user + after.system - before.system)
-            print(f"  {c.name} run {i + 1}: {t:.2f}s, {got / t:.0f} msgs/s, RSS {r:.0f} MB, "
-                  f"steal {steal[c.name][-1]:.0%}" + (f", delivered {got:,} of {copies:,}" if got != copies else ""),
-                  flush=True)
+            run = Run(t, r, used, after.user - before.user + after.system - before.system if c.serves else 0.0,
+                      stolen / total if total else 0.0, c.delivered(work) if c.delivered else copies)
+            done[c.name].append(run)
+            short = f", delivered {run.delivered:,} of {copies:,}" if run.delivered != copies else ""
+            if code != 0 or short:
+                notes[c.name].append(f"run {i + 1}" + (f" exit {code}" if code else "") + short)
+            print(f"  {c.name} run {i + 1}: {t:.2f}s, {run.delivered / t:.0f} msgs/s, RSS {r:.0f} MB, "
+                  f"steal {run.steal:.0%}{short}", flush=True)
     rows = []
     for c in contenders:
-        runs_of = list(zip(done[c.name], times[c.name]))
-        whole = [(got, secs) for got, secs in runs_of if got == copies] or runs_of  # see the docstring
-        if len(whole) < len(runs_of):
-            notes[c.name] += f"; the row is from the {len(whole)} whole run(s)"
-        t = statistics.median(secs for _, secs in whole)
-        rate = statistics.median(got / secs for got, secs in whole)
-        rows.append(Row(c.name, round(t, 2), round(rate, 1), round(nbytes / copies * rate / 1e6, 1),
-                        round(max(rss[c.name]), 1), runs, notes[c.name], [round(x, 3) for x in times[c.name]],
-                        round(statistics.median(cpu[c.name]) / copies * 1e3, 2),
-                        round(statistics.median(beside[c.name]) / copies * 1e3, 2), round(max(steal[c.name]), 3)))
+        every = done[c.name]
+        whole = [run for run in every if run.delivered == copies] or every  # see the docstring
+        if len(whole) < len(every):
+            notes[c.name].append(f"the row is from the {len(whole)} whole run(s)")
+        rate = statistics.median(run.delivered / run.seconds for run in whole)
+        rows.append(Row(c.name, round(statistics.median(run.seconds for run in whole), 2), round(rate, 1),
+                        round(nbytes / copies * rate / 1e6, 1), round(max(run.rss_mb for run in every), 1), runs,
+                        "; ".join(notes[c.name]), [round(run.seconds, 3) for run in every],
+                        round(statistics.median(run.cpu / max(1, run.delivered) for run in whole) * 1e3, 2),
+                        round(statistics.median(run.beside / max(1, run.delivered) for run in whole) * 1e3, 2),
+                        round(max(run.steal for run in every), 3)))
     return rows
 
 
@@ -363,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(rx.store, ignore_errors=True)  # it may be in memory: free it now
                 peak_in_flight[name] = max(peak_in_flight.get(name, 0), rx.stats["peak_in_flight"])
 
-            return Contender(name, prepare, cmd, finish)
+            return Contender(name, prepare, cmd, finish, serves=True)
 
         # The directory sink and the receiver at 0 ms take turns: their ratio is a target.
         pair = [make for make, key in ((directory, "directory"), (lambda: receiver(0), "receiver")) if key in want]
@@ -373,8 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         if "latency" in want:
             rows.extend(interleaved([receiver(200)], args.runs, n, nbytes))
         for row in rows:
-            if row.tool in peak_in_flight:
-                row.note = f"peak uploads in flight {peak_in_flight[row.tool]}"
+            if row.tool in peak_in_flight:  # beside what the runs said (an exit code, say)
+                row.note = "; ".join(filter(None, [f"peak uploads in flight {peak_in_flight[row.tool]}", row.note]))
         if "mbsync" in want:
             rows.append(median_run("mbsync (isync)", args.runs, lambda i: fresh(i, "mbsync"),
                                    lambda w: mbsync_cmd(dovecot.port, w), n, nbytes, maildir_messages))
