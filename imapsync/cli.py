@@ -401,9 +401,10 @@ def retry(config_path: Path | None, accounts: tuple[str, ...], reason: str | Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    from imapsync.memory import keep_large_buffers_off_the_heap
+    from imapsync.memory import keep_large_buffers_off_the_heap, no_collection_at_exit
 
     keep_large_buffers_off_the_heap()
+    no_collection_at_exit()
     try:
         cli.main(args=argv, prog_name="imapsync", standalone_mode=True)
     except SystemExit as e:

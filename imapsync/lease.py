@@ -4,8 +4,9 @@ Why: `imapsync run`, `imapsync sync` and a backfill may point at the same ledger
 machine or several. The ledger's `leases` table (one row per account) says which
 worker is on an account; whoever does not hold the lease leaves the account alone, so
 no message is fetched and uploaded twice at the same time. A lease expires on its own
-(a crashed worker does not block an account for ever), so a long pass renews it in a
-background thread, every third of its length. A lease left by a process of this machine
+(a crashed worker does not block an account for ever), so a long pass has it renewed
+every third of its length, by one background thread that renews every lease of the
+process (a thread per account cost a no-change poll of 100 accounts a tenth of a second). A lease left by a process of this machine
 that no longer exists (killed, stopped cold) is taken over at once instead of waiting
 for it to expire.
 """
@@ -15,6 +16,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from types import TracebackType
 
 from imapsync.errors import LedgerError
@@ -46,6 +48,59 @@ def _dead_here(owner: str) -> bool:
     return False
 
 
+class _Renewals:
+    """The one thread of a process that renews its leases, each every third of its length."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._due: dict[AccountLease, float] = {}  # lease -> when to renew it next
+        self._renewing: AccountLease | None = None
+        self._thread: threading.Thread | None = None
+
+    def add(self, lease: "AccountLease") -> None:
+        with self._cond:
+            self._due[lease] = time.monotonic() + lease.seconds / 3
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="lease-renewals", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def remove(self, lease: "AccountLease") -> None:
+        """Renewed no more; returns once a renewal of it under way has ended, so the lease
+        can be released without being taken again behind the release."""
+        with self._cond:
+            self._due.pop(lease, None)
+            self._cond.wait_for(lambda: self._renewing is not lease)
+
+    def after_fork(self) -> None:
+        """A forked child holds none of its parent's leases, and has no renewal thread."""
+        self._cond, self._due, self._renewing, self._thread = threading.Condition(), {}, None, None
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                now = time.monotonic()
+                lease = min(self._due, key=self._due.__getitem__, default=None)
+                if lease is None or self._due[lease] > now:
+                    self._cond.wait(None if lease is None else self._due[lease] - now)
+                    continue
+                self._due[lease] = now + lease.seconds / 3
+                self._renewing = lease
+            keep = False
+            try:
+                keep = lease.renew()
+            finally:
+                with self._cond:
+                    if not keep:
+                        self._due.pop(lease, None)
+                    self._renewing = None
+                    self._cond.notify_all()
+
+
+_renewals = _Renewals()
+os.register_at_fork(after_in_child=_renewals.after_fork)
+
+
 class AccountLease:
     """`with AccountLease(ledger, "alice", owner, "daemon") as lease: if lease.held: ...`"""
 
@@ -54,8 +109,6 @@ class AccountLease:
         self.ledger, self.account, self.owner, self.purpose = ledger, account, owner, purpose
         self.seconds = seconds
         self.held = False
-        self._done = threading.Event()
-        self._renewer: threading.Thread | None = None
 
     def holder(self) -> str:
         """Who holds the account now (for a message when we could not take it)."""
@@ -72,25 +125,23 @@ class AccountLease:
                 self.ledger.release_lease(self.account, row["owner"])
                 self.held = self.ledger.acquire_lease(self.account, self.owner, self.purpose, self.seconds)
         if self.held:
-            self._renewer = threading.Thread(target=self._renew, name=f"lease:{self.account}", daemon=True)
-            self._renewer.start()
+            _renewals.add(self)
         return self
 
-    def _renew(self) -> None:
-        while not self._done.wait(self.seconds / 3):
-            try:
-                if not self.ledger.acquire_lease(self.account, self.owner, self.purpose, self.seconds):
-                    log.error("Account %s: lease taken over by %s", self.account, self.holder())
-                    return
-            except LedgerError as e:
-                log.warning("Account %s: lease not renewed: %s", self.account, e)
+    def renew(self) -> bool:
+        """Renew the lease now; False when another worker has taken it (it is not ours to renew)."""
+        try:
+            if not self.ledger.acquire_lease(self.account, self.owner, self.purpose, self.seconds):
+                log.error("Account %s: lease taken over by %s", self.account, self.holder())
+                return False
+        except LedgerError as e:
+            log.warning("Account %s: lease not renewed: %s", self.account, e)
+        return True
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self._done.set()
-        if self._renewer is not None:
-            self._renewer.join()
         if self.held:
+            _renewals.remove(self)
             try:
                 self.ledger.release_lease(self.account, self.owner)
             except LedgerError as e:  # it expires on its own

@@ -110,7 +110,7 @@ class Ledger:
         meta = sa.MetaData()
         meta.reflect(engine, only=TABLES)
         self.t = meta.tables
-        self.q = _Prepared(self.t)
+        self.q = _Prepared(self.t, engine.dialect.name)
 
     # ----- opening -------------------------------------------------------------------
 
@@ -153,27 +153,33 @@ class Ledger:
         except SQLAlchemyError as e:
             raise LedgerError(_short(e), self.url) from None
 
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        """Reads only, without waiting for the turn: under WAL a reader neither waits for
+        the writer nor holds it up, so accounts synced side by side read at once."""
+        try:
+            with self.engine.connect() as conn:
+                yield conn
+        except SQLAlchemyError as e:
+            raise LedgerError(_short(e), self.url) from None
+
     # ----- accounts and folders ----------------------------------------------------
 
     def account_id(self, name: str, host: str, username: str) -> int:
-        a = self.t["accounts"]
         with self.tx() as c:
-            row = c.execute(self.q.account_by_name, {"b_name": name}).first()
-            if row is None:
-                return c.execute(a.insert().values(name=name, host=host, username=username)).inserted_primary_key[0]
-            if (row.host, row.username) != (host, username):
-                c.execute(a.update().where(a.c.id == row.id).values(host=host, username=username))
-            return row.id
+            return self._account_id(c, name, host, username)
 
-    def set_account_result(self, account_id: int, error: str | None) -> None:
-        with self.tx() as c:
-            if error is None:
-                c.execute(self.q.account_ok, {"b_id": account_id, "b_at": now()})
-            else:
-                c.execute(self.q.account_error, {"b_id": account_id, "b_error": error, "b_at": now()})
+    def _account_id(self, c: Connection, name: str, host: str, username: str) -> int:
+        a = self.t["accounts"]
+        row = c.execute(self.q.account_by_name, {"b_name": name}).first()
+        if row is None:
+            return c.execute(a.insert().values(name=name, host=host, username=username)).inserted_primary_key[0]
+        if (row.host, row.username) != (host, username):
+            c.execute(a.update().where(a.c.id == row.id).values(host=host, username=username))
+        return row.id
 
     def folders(self, account_id: int) -> dict[str, FolderRow]:
-        with self.tx() as c:
+        with self.read() as c:
             rows = c.execute(self.q.folders_of, {"b_account_id": account_id}).all()
         return {r.name: FolderRow(r.id, r.name, r.uidvalidity, r.last_uid, r.uidnext) for r in rows}
 
@@ -354,30 +360,16 @@ class Ledger:
     def acquire_lease(self, account: str, owner: str, purpose: str, seconds: float) -> bool:
         """Take the account's lease if it is free, expired or already ours; True on success.
 
-        Works on SQLite and PostgreSQL alike: an INSERT races on the primary key, and an
-        UPDATE takes over only a lease that is expired or our own.
+        One statement on SQLite and PostgreSQL alike: an INSERT that, when the account
+        already has a lease, takes it over only if it is expired or our own.
         """
         from datetime import timedelta
-        from sqlalchemy.exc import IntegrityError
 
-        le = self.t["leases"]
         ts = now()
-        expires = ts + timedelta(seconds=seconds)
-        try:
-            with self.engine.begin() as c:
-                taken = c.execute(self.q.lease_take, {"b_account": account, "b_owner": owner, "b_purpose": purpose,
-                                                      "b_now": ts, "b_expires_at": expires})
-                if taken.rowcount:
-                    return True
-                if c.execute(sa.select(le.c.account).where(le.c.account == account)).first():
-                    return False
-                c.execute(le.insert().values(account=account, owner=owner, purpose=purpose, acquired_at=ts,
-                                             expires_at=expires))
-                return True
-        except IntegrityError:
-            return False  # another worker inserted it first
-        except SQLAlchemyError as e:
-            raise LedgerError(_short(e), self.url) from None
+        with self.tx() as c:
+            return c.execute(self.q.lease_take, {"b_account": account, "b_owner": owner, "b_purpose": purpose,
+                                                 "b_now": ts, "b_expires_at": ts + timedelta(seconds=seconds)}
+                             ).first() is not None  # a row comes back when it was inserted or taken over
 
     def release_lease(self, account: str, owner: str) -> None:
         with self.tx() as c:
@@ -393,13 +385,30 @@ class Ledger:
 
     def start_run(self, kind: str, account: str) -> int:
         with self.tx() as c:
-            return c.execute(self.q.run_start, {"kind": kind, "account": account,
-                                                "started_at": now()}).inserted_primary_key[0]
+            return self._start_run(c, kind, account)
 
-    def finish_run(self, run_id: int, *, outcome: str, counts: dict[str, int], error: str | None) -> None:
+    def _start_run(self, c: Connection, kind: str, account: str) -> int:
+        return c.execute(self.q.run_start, {"kind": kind, "account": account,
+                                            "started_at": now()}).inserted_primary_key[0]
+
+    def start_account_run(self, kind: str, name: str, host: str, username: str) -> tuple[int, int]:
+        """(run id, account id), one transaction: a no-change poll of many accounts is
+        mostly ledger transactions, and each one waits for its turn on the writer."""
         with self.tx() as c:
-            c.execute(self.q.run_finish, {"b_id": run_id, "b_ended_at": now(), "b_outcome": outcome, "b_error": error,
+            return self._start_run(c, kind, name), self._account_id(c, name, host, username)
+
+    def finish_run(self, run_id: int, *, outcome: str, counts: dict[str, int], error: str | None,
+                   account_id: int | None = None) -> None:
+        """End the run; with `account_id`, note in the same transaction the account's last
+        success, or its error."""
+        ts = now()
+        with self.tx() as c:
+            c.execute(self.q.run_finish, {"b_id": run_id, "b_ended_at": ts, "b_outcome": outcome, "b_error": error,
                                           **{f"b_{k}": counts.get(k, 0) for k in _RUN_COUNTS}})
+            if account_id is not None and error is None:
+                c.execute(self.q.account_ok, {"b_id": account_id, "b_at": ts})
+            elif account_id is not None:
+                c.execute(self.q.account_error, {"b_id": account_id, "b_error": error, "b_at": ts})
 
     # ----- status (read only) ---------------------------------------------------------
 
@@ -732,7 +741,7 @@ class _Prepared:
     """Statements every pass runs for every account, built once: a no-change poll of many
     accounts spent more CPU building SQLAlchemy statements than in SQLite."""
 
-    def __init__(self, t) -> None:
+    def __init__(self, t, dialect: str) -> None:
         a, f, le, r = t["accounts"], t["folders"], t["leases"], t["runs"]
         p = sa.bindparam
         self.account_by_name = sa.select(a.c.id, a.c.host, a.c.username).where(a.c.name == p("b_name"))
@@ -741,9 +750,14 @@ class _Prepared:
             last_error=p("b_error"), last_error_at=p("b_at"))
         self.folders_of = sa.select(f.c.id, f.c.name, f.c.uidvalidity, f.c.last_uid, f.c.uidnext).where(
             f.c.account_id == p("b_account_id"))
-        self.lease_take = le.update().where(
-            le.c.account == p("b_account"), sa.or_(le.c.owner == p("b_owner"), le.c.expires_at < p("b_now"))).values(
-            owner=p("b_owner"), purpose=p("b_purpose"), acquired_at=p("b_now"), expires_at=p("b_expires_at"))
+        lease = _dialect_insert(dialect)(le).values(account=p("b_account"), owner=p("b_owner"), purpose=p("b_purpose"),
+                                                    acquired_at=p("b_now"), expires_at=p("b_expires_at"))
+        new = lease.excluded
+        self.lease_take = lease.on_conflict_do_update(
+            index_elements=[le.c.account],
+            set_={"owner": new.owner, "purpose": new.purpose, "acquired_at": new.acquired_at,
+                  "expires_at": new.expires_at},
+            where=sa.or_(le.c.owner == new.owner, le.c.expires_at < new.acquired_at)).returning(le.c.account)
         self.lease_release = le.delete().where(le.c.account == p("b_account"), le.c.owner == p("b_owner"))
         self.run_start = r.insert()
         self.run_finish = r.update().where(r.c.id == p("b_id")).values(
@@ -751,18 +765,19 @@ class _Prepared:
             **{k: p(f"b_{k}") for k in _RUN_COUNTS})
 
 
+def _dialect_insert(dialect: str):
+    """The INSERT of SQLite or PostgreSQL, which both know ON CONFLICT."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert
+
+
 def _insert_ignoring_conflicts(c: Connection, table: sa.Table, rows: list[dict]) -> None:
     """INSERT ... ON CONFLICT DO NOTHING: accounts synced side by side (or several
     workers) may add the same message or delivery at the same moment; both mean the same."""
-    name = c.dialect.name
-    if name == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
-    elif name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:  # pragma: no cover - only SQLite and PostgreSQL are supported
-        c.execute(table.insert(), rows)
-        return
-    c.execute(insert(table).on_conflict_do_nothing(), rows)
+    c.execute(_dialect_insert(c.dialect.name)(table).on_conflict_do_nothing(), rows)
 
 
 def _chunks(items: list, size: int = 400) -> Iterator[list]:

@@ -6,7 +6,6 @@ never reads the config file, and the CLI only turns the outcome into words.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import multiprocessing
 import os
@@ -159,7 +158,7 @@ def _child_pass(names: list[str]) -> tuple[list[AccountResult], dict, dict[str, 
 def _die_with_parent() -> None:
     """Linux: end this child when its parent ends (even by SIGKILL), so no orphan uploads on."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)  # the C library this process runs on
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass

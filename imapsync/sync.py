@@ -273,8 +273,7 @@ def sync_account(account: Account, connect: Callable[[], ImapSource], ledger: Le
     if dry_run is not None:
         run_id, account_id = None, ledger.find_account_id(account.name) or 0
     else:
-        run_id = ledger.start_run(kind, account.name)
-        account_id = ledger.account_id(account.name, account.host, account.username)
+        run_id, account_id = ledger.start_account_run(kind, account.name, account.host, account.username)
     error: SourceError | None = None
     owner = routing.owner_vault(account.username, account.vault, settings.domains_aliases)
     reconnects = 0
@@ -300,11 +299,11 @@ def sync_account(account: Account, connect: Callable[[], ImapSource], ledger: Le
         log.error("Account %s: %s", account.name, e)
     finally:
         if run_id is not None:
-            ledger.set_account_result(account_id, str(error) if error else None)
             stopped = stop is not None and stop.is_set()
             outcome = ("error" if error else "stopped" if stopped
                        else "partial" if counts.failed or counts.pending else "ok")
-            ledger.finish_run(run_id, outcome=outcome, counts=counts.as_dict(), error=str(error) if error else None)
+            ledger.finish_run(run_id, outcome=outcome, counts=counts.as_dict(), error=str(error) if error else None,
+                              account_id=account_id)
     return AccountResult(account.name, counts, error)
 
 

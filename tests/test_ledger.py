@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import sqlite3
+from datetime import datetime, timezone
 
-from imapsync.ledger import Ledger, Sighting, State
+from daemon_proc import wait_for
+
+from imapsync.lease import AccountLease
+from imapsync.ledger import Ledger, Sighting, State, now
 
 
 def test_new_ledger_is_migrated_private_and_reopens(tmp_path):
@@ -93,6 +97,29 @@ def test_leases_give_each_account_to_one_worker(ledger_url):
     a.release_lease("acc", "worker-a")
     assert b.acquire_lease("acc", "worker-b", "backfill", 60)
     assert not a.acquire_lease("acc", "worker-a", "sync", 60)
+
+
+def test_held_leases_are_renewed_until_released(ledger_url):
+    """One thread renews every lease of the process: past their first expiry they are
+    still held, and once released no renewal takes them again."""
+    a, b = Ledger.open(ledger_url), Ledger.open(ledger_url)
+    with AccountLease(a, "acc", "worker-a", "sync", seconds=1.2) as one, \
+            AccountLease(a, "acc2", "worker-a", "sync", seconds=1.2) as two:
+        assert one.held and two.held
+        first = {n: _utc(a.lease_holder(n)["expires_at"]) for n in ("acc", "acc2")}
+        wait_for(lambda: now() > max(first.values()), 5, "the first expiry to pass")
+        assert not b.acquire_lease("acc", "worker-b", "backfill", 60)
+        assert not b.acquire_lease("acc2", "worker-b", "backfill", 60)
+        assert all(_utc(a.lease_holder(n)["expires_at"]) > first[n] for n in first)
+    released = now()
+    assert a.lease_holder("acc") is None and a.lease_holder("acc2") is None
+    wait_for(lambda: (now() - released).total_seconds() > 0.8, 5, "two renewal periods")
+    assert a.lease_holder("acc") is None and a.lease_holder("acc2") is None
+
+
+def _utc(ts: datetime) -> datetime:
+    """A timestamp as the ledger's naive UTC (PostgreSQL hands them back with a zone)."""
+    return ts.astimezone(timezone.utc).replace(tzinfo=None) if ts.tzinfo else ts
 
 
 def test_an_expired_lease_is_taken_over(ledger_url):
