@@ -84,6 +84,7 @@ class Row:
     cpu_ms: float = 0.0  # the contender's own CPU (user + system) per message, median of the runs
     receiver_cpu_ms: float = 0.0  # the local receiver's CPU per message (it runs in this process)
     steal: float = 0.0  # the largest share of the CPUs the hypervisor gave to others during a run
+    whole: bool = True  # some run delivered the whole corpus (else the row is from partial runs)
 
 
 GNU_TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
@@ -192,7 +193,10 @@ def interleaved(contenders: list[Contender], runs: int, copies: int, nbytes: int
     for c in contenders:
         every = done[c.name]
         whole = [run for run in every if run.delivered == copies] or every  # see the docstring
-        if len(whole) < len(every):
+        if whole is every and any(run.delivered != copies for run in every):
+            notes[c.name].append("no run delivered the whole corpus: each is rated on what it delivered, "
+                                 "its stall included")
+        elif len(whole) < len(every):
             notes[c.name].append(f"the row is from the {len(whole)} whole run(s)")
         rate = statistics.median(run.delivered / run.seconds for run in whole)
         rows.append(Row(c.name, round(statistics.median(run.seconds for run in whole), 2), round(rate, 1),
@@ -200,7 +204,7 @@ def interleaved(contenders: list[Contender], runs: int, copies: int, nbytes: int
                         "; ".join(notes[c.name]), [round(run.seconds, 3) for run in every],
                         round(statistics.median(run.cpu / max(1, run.delivered) for run in whole) * 1e3, 2),
                         round(statistics.median(run.beside / max(1, run.delivered) for run in whole) * 1e3, 2),
-                        round(max(run.steal for run in every), 3)))
+                        round(max(run.steal for run in every), 3), any(run.delivered == copies for run in every)))
     return rows
 
 
@@ -453,7 +457,8 @@ def report(rows: list[Row], poll: float | None, args, corpus) -> None:
         if ours and peer in by:
             ratio = ours.msgs_per_s / by[peer].msgs_per_s
             goal = "aim" if peer.startswith("mbsync") else "target"
-            ratios.append(f"directory sink / {peer}: {ratio:.2f}x ({goal} >= {want:g}x: {check(ratio >= want)})")
+            partial = "" if by[peer].whole else f", against {peer} runs that stopped early (see its row)"
+            ratios.append(f"directory sink / {peer}: {ratio:.2f}x ({goal} >= {want:g}x: {check(ratio >= want)}){partial}")
     recv0 = by.get("imapsync -> receiver (0 ms)")
     if ours and recv0:
         ratio, each = paired_ratio(recv0, ours)
