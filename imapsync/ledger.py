@@ -137,6 +137,13 @@ class Ledger:
     def close(self) -> None:
         self.engine.dispose()
 
+    def after_fork(self) -> None:
+        """In a forked child: new connections (the parent's stay the parent's), and a turn
+        no thread of the parent can be holding."""
+        self.engine.dispose(close=False)
+        if self.engine.dialect.name == "sqlite":
+            self._turn = threading.RLock()
+
     @contextmanager
     def tx(self) -> Iterator[Connection]:
         """One transaction; library errors become LedgerError.

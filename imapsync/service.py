@@ -146,7 +146,7 @@ def run_pass_spread(loaded: LoadedConfig, ledger: Ledger, account_names: list[st
 
 def _child_start() -> None:
     _die_with_parent()
-    _forked[1].engine.dispose(close=False)  # type: ignore[index] # the parent's connections stay the parent's
+    _forked[1].after_fork()  # type: ignore[index]
 
 
 def _child_pass(names: list[str]) -> tuple[list[AccountResult], dict, dict[str, str]]:
