@@ -6,9 +6,9 @@ worker is on an account; whoever does not hold the lease leaves the account alon
 no message is fetched and uploaded twice at the same time. A lease expires on its own
 (a crashed worker does not block an account for ever), so a long pass has it renewed
 every third of its length, by one background thread that renews every lease of the
-process (a thread per account cost a no-change poll of 100 accounts a tenth of a second). A lease left by a process of this machine
-that no longer exists (killed, stopped cold) is taken over at once instead of waiting
-for it to expire.
+process (a thread per account cost a no-change poll of 100 accounts a tenth of a
+second). A lease left by a process of this machine that no longer exists (killed,
+stopped cold) is taken over at once instead of waiting for it to expire.
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ class _Renewals:
         self._renewing: AccountLease | None = None
         self._thread: threading.Thread | None = None
 
-    def add(self, lease: "AccountLease") -> None:
+    def add(self, lease: AccountLease) -> None:
         with self._cond:
             self._due[lease] = time.monotonic() + lease.seconds / 3
             if self._thread is None or not self._thread.is_alive():
@@ -65,7 +65,7 @@ class _Renewals:
                 self._thread.start()
             self._cond.notify()
 
-    def remove(self, lease: "AccountLease") -> None:
+    def remove(self, lease: AccountLease) -> None:
         """Renewed no more; returns once a renewal of it under way has ended, so the lease
         can be released without being taken again behind the release."""
         with self._cond:
