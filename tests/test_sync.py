@@ -3,6 +3,7 @@ ledger, and `imapsync sync` run as a real process (issue: core pipeline)."""
 from __future__ import annotations
 
 import json
+import re
 
 from conftest import DOMAIN
 from mail import message
@@ -361,3 +362,56 @@ def test_many_accounts_are_spread_over_processes_and_their_results_added_up(new_
     assert len(env.sql("SELECT id FROM runs")) == 33  # one run per account, written by the children
     code, out, err = env.sync()  # nothing new: the second pass uploads nothing
     assert "0 uploaded" in out and len(receiver.uploads()) == 32
+
+
+def _awkward_messages(user: str) -> list[bytes]:
+    return [
+        message("x@outside.example", user, "plain"),
+        b"X-Note: none of the routing headers\r\n\r\nso the header section fetched is empty\r\n",
+        f'From: "UID 7 RFC822.SIZE 9 {{12}}" <x@outside.example>\r\nTo: {user}\r\n\r\n'.encode(),  # no body
+        f"From: =?utf-8?q?J=C3=BCrgen?= <j@outside.example>\r\nTo: {user}\r\nCc: J\xfcrgen <j@x.example>\r\n"
+        f"Subject: 8-bit\r\n\r\nbody\r\n".encode("latin-1"),
+        message("x@outside.example", user, "long", body="line\r\n" * 20000),
+    ]
+
+
+def test_headers_and_bodies_read_fast_are_what_imapclient_reads(new_mailbox, env, monkeypatch):
+    """Headers and bodies are read off the connection directly (imapclient's general parser
+    was a sixth of a backfill's sync thread): on Dovecot and on pymap they must come out as
+    imapclient's parser reads the same answers. A message the fast reading does not find
+    is asked again through imapclient, so an answer in a shape it does not know (forced
+    here) costs a round trip, never a message."""
+    from imapsync.config import Account
+    from imapsync.testing.pymap_server import PymapServer
+
+    alice = new_mailbox("alice")
+    user, password = f"bob@{DOMAIN}", "pymap-pw-3"
+    for raw in _awkward_messages(alice.user):
+        alice.deliver(raw, "INBOX")
+    with PymapServer({user: password}) as server:
+        for raw in _awkward_messages(user):
+            server.append(user, password, "INBOX", raw)
+        pymap_account = {"name": "p", "host": server.host, "port": server.port, "tls": "plain", "username": user}
+        for account, pw in ((dict(env.account(alice)), alice.password), (pymap_account, password)):
+            _read_both_ways(Account.model_validate(dict(account, password="unused")), pw, monkeypatch)
+
+
+def _read_both_ways(account, password: str, monkeypatch) -> None:
+    import imapsync.imap_source as source_module
+    from imapsync.imap_source import HEADER_ITEM, ImapSource
+
+    with ImapSource(account, password) as source:
+        source.examine("INBOX")
+        uids = source.uids_after(0, "INBOX")
+        assert len(uids) == 5, (account.name, uids)
+        general = source.client.fetch(uids, ["RFC822.SIZE", HEADER_ITEM, "BODY.PEEK[]"])
+        want = [(u, general[u][b"RFC822.SIZE"],
+                 next((v for k, v in general[u].items() if k.startswith(b"BODY[HEADER")), b"") or b"")
+                for u in uids]
+        gone = max(uids) + 100  # no such message: expunged before the fetch, say
+        assert [(h.uid, h.size, h.header) for h in source.fetch_headers(uids + [gone], "INBOX")] == want, account.name
+        assert source.fetch_bodies(uids, "INBOX") == {u: general[u][b"BODY[]"] for u in uids}, account.name
+        assert want[1][2].strip() == b"" and b"J\xfcrgen" in want[3][2], account.name
+        with monkeypatch.context() as m:  # every answer in a shape the fast reading does not know
+            m.setattr(source_module, "_FETCH_LITERAL", re.compile(rb"(?!)"))
+            assert [(h.uid, h.size, h.header) for h in source.fetch_headers(uids, "INBOX")] == want, account.name
