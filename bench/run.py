@@ -192,19 +192,20 @@ def interleaved(contenders: list[Contender], runs: int, copies: int, nbytes: int
     rows = []
     for c in contenders:
         every = done[c.name]
-        whole = [run for run in every if run.delivered == copies] or every  # see the docstring
-        if whole is every and any(run.delivered != copies for run in every):
+        complete = [run for run in every if run.delivered == copies]
+        whole = complete or every  # see the docstring
+        if not complete:
             notes[c.name].append("no run delivered the whole corpus: each is rated on what it delivered, "
                                  "its stall included")
-        elif len(whole) < len(every):
-            notes[c.name].append(f"the row is from the {len(whole)} whole run(s)")
+        elif len(complete) < len(every):
+            notes[c.name].append(f"the row is from the {len(complete)} whole run(s)")
         rate = statistics.median(run.delivered / run.seconds for run in whole)
         rows.append(Row(c.name, round(statistics.median(run.seconds for run in whole), 2), round(rate, 1),
                         round(nbytes / copies * rate / 1e6, 1), round(max(run.rss_mb for run in every), 1), runs,
                         "; ".join(notes[c.name]), [round(run.seconds, 3) for run in every],
                         round(statistics.median(run.cpu / max(1, run.delivered) for run in whole) * 1e3, 2),
                         round(statistics.median(run.beside / max(1, run.delivered) for run in whole) * 1e3, 2),
-                        round(max(run.steal for run in every), 3), any(run.delivered == copies for run in every)))
+                        round(max(run.steal for run in every), 3), bool(complete)))
     return rows
 
 

@@ -106,7 +106,7 @@ class Ledger:
     def __init__(self, engine: Engine, url: str):
         self.engine = engine
         self.url = _redact(url)
-        self._turn = threading.RLock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
+        self._turn = self._new_turn()
         meta = sa.MetaData()
         meta.reflect(engine, only=TABLES)
         self.t = meta.tables
@@ -141,8 +141,11 @@ class Ledger:
         """In a forked child: new connections (the parent's stay the parent's), and a turn
         no thread of the parent can be holding."""
         self.engine.dispose(close=False)
-        if self.engine.dialect.name == "sqlite":
-            self._turn = threading.RLock()
+        self._turn = self._new_turn()
+
+    def _new_turn(self):
+        """SQLite has one writer: this process's transactions take turns (see `tx`)."""
+        return threading.RLock() if self.engine.dialect.name == "sqlite" else contextlib.nullcontext()
 
     @contextmanager
     def tx(self) -> Iterator[Connection]:
