@@ -268,3 +268,41 @@ def test_https_endpoint_with_an_untrusted_certificate_is_unreachable_and_nothing
         s.close()
     assert result.outcome is Outcome.UNREACHABLE and "TLS certificate not trusted" in (result.detail or "")
     assert receiver.stats["posts"] == 0 and receiver.uploads() == []
+
+
+@pytest.mark.parametrize("header, low, high", [("7", 7, 7), ("date+3", 1, 3), (None, None, None)])
+def test_retry_after_is_read_as_seconds_or_as_an_http_date(header, low, high):
+    """libcurl reads Retry-After: delta-seconds, or an HTTP date turned into the seconds
+    left until it; none means the sink's own backoff."""
+    import email.utils
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from imapsync.sinks.http_transport import Transport
+
+    class Throttling(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(429)
+            if header is not None:
+                value = email.utils.formatdate(time.time() + 3, usegmt=True) if header == "date+3" else header
+                self.send_header("Retry-After", value)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Throttling)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        answer = Transport(5, 5).request("POST", f"http://127.0.0.1:{server.server_port}/v1/uploads", body=b"{}")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert answer.status == 429
+    if low is None:
+        assert answer.retry_after is None
+    else:
+        assert low <= answer.retry_after <= high

@@ -13,7 +13,6 @@ crash, is answered "already complete" instead of storing the message twice.
 """
 from __future__ import annotations
 
-import email.utils
 import json
 import time
 from dataclasses import dataclass
@@ -119,13 +118,13 @@ class VaultasticSink:
         except TransportError as e:
             return e
         if r.status == 429:
-            self.bucket.pause(_retry_after(r) or self.retry.backoff_factor)
+            self.bucket.pause(r.retry_after or self.retry.backoff_factor)
         return r
 
     def _wait(self, state: RetryCallState) -> float:
         jitter = wait_random_exponential(multiplier=self.retry.backoff_factor, max=self.retry.backoff_max)(state)
         answer = state.outcome.result() if state.outcome else None
-        after = _retry_after(answer) if isinstance(answer, Answer) else None
+        after = answer.retry_after if isinstance(answer, Answer) else None
         return max(jitter, after or 0.0)
 
     def _with_retries(self, method: str, url: str, **kwargs) -> tuple[Reply, int]:
@@ -236,22 +235,6 @@ def _classify_slot_answer(status: int, answer: dict, attempts: int) -> UploadRes
         return UploadResult(Outcome.FAILED, attempts, reason="server_error",
                             detail=f"HTTP {status} after {attempts} attempts")
     return UploadResult(Outcome.PERMANENT, attempts, reason=f"http_{status}", detail=_detail(answer, status))
-
-
-def _retry_after(r: Answer) -> float | None:
-    """Retry-After in seconds (delta-seconds or an HTTP date), or None."""
-    value = r.headers.get("Retry-After")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def _json(r: Answer) -> dict:
