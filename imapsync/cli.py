@@ -92,6 +92,8 @@ def _load(config_path: Path | None) -> config_mod.LoadedConfig:
 def cli(log_level: str, log_format: str, debug: bool) -> None:
     """Archive IMAP mailboxes into Mithi Vaultastic, read-only and deduplicated."""
     _setup_logging(log_level, log_format)
+    from imapsync.sinks.base import sweep_stale_spool
+    sweep_stale_spool()  # what an imapsync killed mid-upload left in the temporary folder
 
 
 @cli.command()

@@ -3,7 +3,11 @@ API's table shown in `status`, several primary domains, large messages (issue: u
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 from conftest import API_KEY, DOMAIN
@@ -151,6 +155,45 @@ def test_large_messages_are_spooled_and_streamed_byte_exact(new_mailbox, receive
     [up] = receiver.uploads()
     assert (receiver.store / f"{up['uploadId']}.eml").read_bytes() == big
     assert list(spool.iterdir()) == []  # the spool file is gone once the upload settled
+
+
+def test_spool_files_of_a_killed_sync_are_swept_at_the_next_start_and_the_message_archived(new_mailbox, env,
+                                                                                             tmp_path):
+    """A sync killed while a large (spooled) message is being uploaded leaves its 0600 copy
+    in the temporary folder; the next start removes it, and only files of processes that
+    are gone, and its pass archives the message."""
+    alice = new_mailbox("alice")
+    big = message(to=alice.user, subject="big", body="x" * 300_000 + "\r\nend")
+    alice.deliver(big)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    env.monkeypatch.setenv("TMPDIR", str(spool))
+    live = spool / f"imapsync-{os.getpid()}-inuse.eml"  # a running process's spool file: this test's
+    unrelated = spool / "imapsync-notes.eml"
+    for keep in (live, unrelated):
+        keep.write_bytes(b"keep me")
+    with Receiver(tmp_path / "r", api_key=API_KEY, latency_ms=120_000) as receiver:
+        env.write([env.account(alice)], endpoint=receiver.url,
+                  upload={"spool_bytes": "64KiB", "timeout": 300, "max_attempts": 1})
+        proc = subprocess.Popen([sys.executable, "-m", "imapsync", "sync", "--config", str(env.path)],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 60
+            while receiver.stats["in_flight"] == 0 and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert receiver.stats["in_flight"] == 1, "the upload never started"
+        finally:
+            proc.kill()
+            proc.wait(timeout=30)
+        [left] = [p for p in spool.iterdir() if p not in (live, unrelated)]
+        assert left.read_bytes() == big and left.stat().st_mode & 0o777 == 0o600
+        receiver.latency_ms = 0
+        code, out, err = env.sync()
+        assert code == 0, out + err
+        assert f"Removed 1 spooled message file(s) from {spool}" in err
+        assert sorted(spool.iterdir()) == sorted([live, unrelated])
+        [up] = receiver.uploads()
+        assert (receiver.store / f"{up['uploadId']}.eml").read_bytes() == big
 
 
 def test_messages_over_the_size_limit_are_skipped_without_fetching_the_body(new_mailbox, receiver, env, dovecot):

@@ -9,13 +9,21 @@ the next pass: UNREACHABLE (the endpoint cannot be reached at all) and FORBIDDEN
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import re
 import tempfile
 import uuid
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import BinaryIO, Protocol
+
+log = logging.getLogger("imapsync.spool")
+
+#: Spool files carry the pid of the process that wrote them (imapsync-<pid>-<random>.eml),
+#: so that those of a process that died before removing them can be told apart and swept.
+_SPOOL_NAME = re.compile(r"imapsync-(?:sdk-)?(\d+)-[^/]*\.eml\Z")
 
 #: Namespace for request ids: the same message to the same vaults always gets the
 #: same id, so a retry after a crash is recognised by the API and not stored twice.
@@ -61,7 +69,7 @@ class Payload:
 
     @classmethod
     def spooled(cls, data: bytes, directory: Path | None = None) -> "Payload":
-        fd, name = tempfile.mkstemp(prefix="imapsync-", suffix=".eml", dir=directory)
+        fd, name = tempfile.mkstemp(prefix=spool_prefix(), suffix=".eml", dir=directory)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         return cls(path=Path(name))
@@ -83,6 +91,50 @@ class Payload:
         self._data = b"" if self._data is not None else None
         if self.path is not None:
             self.path.unlink(missing_ok=True)
+
+
+def spool_prefix(kind: str = "") -> str:
+    """The start of a spool file's name: the program, the kind of file and this process."""
+    return f"imapsync-{kind}{os.getpid()}-"
+
+
+def sweep_stale_spool(directory: Path | None = None) -> int:
+    """Remove the spool files (0600 copies of messages) that processes killed before they
+    could clean up left behind; returns how many. A file is removed only when it is ours
+    (same user) and the process named in it is gone. The messages themselves are not
+    lost: the ledger holds them as pending (or the cursor never passed them), so the next
+    pass fetches them again from the mailbox."""
+    folder = Path(directory or tempfile.gettempdir())
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for entry in entries:
+        match = _SPOOL_NAME.match(entry.name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        try:
+            if entry.stat(follow_symlinks=False).st_uid != os.getuid() or not entry.is_file(follow_symlinks=False):
+                continue
+            os.unlink(entry.path)
+            removed += 1
+        except OSError:
+            continue  # gone meanwhile, or not ours to remove
+    if removed:
+        log.warning("Removed %d spooled message file(s) from %s left by imapsync processes that were killed; "
+                    "their messages are fetched again from the mailbox", removed, folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists but is not ours to signal
+    return True
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ from tenacity import RetryCallState, Retrying, retry_if_result, stop_after_delay
 
 from imapsync.config import LoadedConfig
 from imapsync.message import addresses_in, header_block, parse_headers
-from imapsync.sinks.base import Outcome, Sink, UploadRequest, UploadResult
+from imapsync.sinks.base import Outcome, Sink, UploadRequest, UploadResult, spool_prefix
 
 VENDOR_FUNCTION = "uploadMailToVaultasticActiveStore"
 #: Exit code -> (outcome, reason) for the codes that end an upload at once.
@@ -232,7 +232,7 @@ class SdkSink:
         if request.payload.path is not None:
             yield request.payload.path
             return
-        fd, name = tempfile.mkstemp(prefix="imapsync-sdk-", suffix=".eml")  # 0600 by construction
+        fd, name = tempfile.mkstemp(prefix=spool_prefix("sdk-"), suffix=".eml")  # 0600 by construction
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(request.raw)
