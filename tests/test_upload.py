@@ -168,9 +168,12 @@ def test_spool_files_of_a_killed_sync_are_swept_at_the_next_start_and_the_messag
     spool = tmp_path / "spool"
     spool.mkdir()
     env.monkeypatch.setenv("TMPDIR", str(spool))
-    live = spool / f"imapsync-{os.getpid()}-inuse.eml"  # a running process's spool file: this test's
+    namespace = os.stat("/proc/self/ns/pid").st_ino
+    live = spool / f"imapsync-{os.getpid()}-{namespace}-inuse.eml"  # a running process's: this test's
+    elsewhere = spool / f"imapsync-999999999-{namespace + 1}-other.eml"  # another PID namespace's (container)
     unrelated = spool / "imapsync-notes.eml"
-    for keep in (live, unrelated):
+    kept = [live, elsewhere, unrelated]
+    for keep in kept:
         keep.write_bytes(b"keep me")
     with Receiver(tmp_path / "r", api_key=API_KEY, latency_ms=120_000) as receiver:
         env.write([env.account(alice)], endpoint=receiver.url,
@@ -185,13 +188,13 @@ def test_spool_files_of_a_killed_sync_are_swept_at_the_next_start_and_the_messag
         finally:
             proc.kill()
             proc.wait(timeout=30)
-        [left] = [p for p in spool.iterdir() if p not in (live, unrelated)]
+        [left] = [p for p in spool.iterdir() if p not in kept]
         assert left.read_bytes() == big and left.stat().st_mode & 0o777 == 0o600
         receiver.latency_ms = 0
         code, out, err = env.sync()
         assert code == 0, out + err
         assert f"Removed 1 spooled message file(s) from {spool}" in err
-        assert sorted(spool.iterdir()) == sorted([live, unrelated])
+        assert sorted(spool.iterdir()) == sorted(kept)
         [up] = receiver.uploads()
         assert (receiver.store / f"{up['uploadId']}.eml").read_bytes() == big
 

@@ -21,9 +21,11 @@ from typing import BinaryIO, Protocol
 
 log = logging.getLogger("imapsync.spool")
 
-#: Spool files carry the pid of the process that wrote them (imapsync-<pid>-<random>.eml),
-#: so that those of a process that died before removing them can be told apart and swept.
-_SPOOL_NAME = re.compile(r"imapsync-(?:sdk-)?(\d+)-[^/]*\.eml\Z")
+#: Spool files name the process that wrote them and its PID namespace
+#: (imapsync-<pid>-<namespace>-<random>.eml), so that those of a process that died before
+#: removing them can be told apart and swept, and never those of another container's
+#: process that shares the folder (its pid means nothing here).
+_SPOOL_NAME = re.compile(r"imapsync-(?:sdk-)?(\d+)-(\d+)-[^/]*\.eml\Z")
 
 #: Namespace for request ids: the same message to the same vaults always gets the
 #: same id, so a retry after a crash is recognised by the API and not stored twice.
@@ -95,24 +97,31 @@ class Payload:
 
 def spool_prefix(kind: str = "") -> str:
     """The start of a spool file's name: the program, the kind of file and this process."""
-    return f"imapsync-{kind}{os.getpid()}-"
+    return f"imapsync-{kind}{os.getpid()}-{_pid_namespace()}-"
+
+
+def _pid_namespace() -> int:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:  # not Linux: one namespace
+        return 0
 
 
 def sweep_stale_spool(directory: Path | None = None) -> int:
     """Remove the spool files (0600 copies of messages) that processes killed before they
     could clean up left behind; returns how many. A file is removed only when it is ours
-    (same user) and the process named in it is gone. The messages themselves are not
+    (same user) and the process named in it, in our PID namespace, is gone. The messages themselves are not
     lost: the ledger holds them as pending (or the cursor never passed them), so the next
     pass fetches them again from the mailbox."""
     folder = Path(directory or tempfile.gettempdir())
-    removed = 0
+    namespace, removed = _pid_namespace(), 0
     try:
         entries = list(os.scandir(folder))
     except OSError:
         return 0
     for entry in entries:
         match = _SPOOL_NAME.match(entry.name)
-        if match is None or _alive(int(match.group(1))):
+        if match is None or int(match.group(2)) != namespace or _alive(int(match.group(1))):
             continue
         try:
             if entry.stat(follow_symlinks=False).st_uid != os.getuid() or not entry.is_file(follow_symlinks=False):
