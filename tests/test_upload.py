@@ -143,13 +143,19 @@ def test_several_primary_domains_each_get_their_own_vaults(new_mailbox, env, tmp
         assert env.sync()[1].startswith("1 account(s): 0 uploaded")
 
 
-def test_large_messages_are_spooled_and_streamed_byte_exact(new_mailbox, receiver, env, tmp_path):
+def _big_message_and_spool_folder(new_mailbox, env, tmp_path):
+    """A mailbox with one message over 64 KiB, and TMPDIR (where it is spooled) a folder of its own."""
     alice = new_mailbox("alice")
     big = message(to=alice.user, subject="big", body="x" * 300_000 + "\r\nend")
     alice.deliver(big)
     spool = tmp_path / "spool"
     spool.mkdir()
     env.monkeypatch.setenv("TMPDIR", str(spool))
+    return alice, big, spool
+
+
+def test_large_messages_are_spooled_and_streamed_byte_exact(new_mailbox, receiver, env, tmp_path):
+    alice, big, spool = _big_message_and_spool_folder(new_mailbox, env, tmp_path)
     env.write([env.account(alice)], endpoint=receiver.url, upload={"spool_bytes": "64KiB"})
     assert env.sync()[0] == 0
     [up] = receiver.uploads()
@@ -162,12 +168,7 @@ def test_spool_files_of_a_killed_sync_are_swept_at_the_next_start_and_the_messag
     """A sync killed while a large (spooled) message is being uploaded leaves its 0600 copy
     in the temporary folder; the next start removes it, and only files of processes that
     are gone, and its pass archives the message."""
-    alice = new_mailbox("alice")
-    big = message(to=alice.user, subject="big", body="x" * 300_000 + "\r\nend")
-    alice.deliver(big)
-    spool = tmp_path / "spool"
-    spool.mkdir()
-    env.monkeypatch.setenv("TMPDIR", str(spool))
+    alice, big, spool = _big_message_and_spool_folder(new_mailbox, env, tmp_path)
     namespace = os.stat("/proc/self/ns/pid").st_ino
     live = spool / f"imapsync-{os.getpid()}-{namespace}-inuse.eml"  # a running process's: this test's
     elsewhere = spool / f"imapsync-999999999-{namespace + 1}-other.eml"  # another PID namespace's (container)
