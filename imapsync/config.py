@@ -256,7 +256,8 @@ class Sdk(Strict):
 
 
 class Fetch(Strict):
-    batch_bytes: ByteSize = 8 * 1024 * 1024
+    # bodies in memory ahead of their upload: up to `connections` batches (4 MiB: peak RSS -20 MB against 8)
+    batch_bytes: ByteSize = 4 * 1024 * 1024
     batch_messages: int = Field(default=500, ge=1)
     parallel_accounts: int = Field(default=8, ge=1, le=256)  # accounts synced side by side in a pass
     # `imapsync sync` with many accounts spreads them over this many processes (0: one per CPU)
