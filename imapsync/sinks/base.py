@@ -110,9 +110,9 @@ def _pid_namespace() -> int:
 def sweep_stale_spool(directory: Path | None = None) -> int:
     """Remove the spool files (0600 copies of messages) that processes killed before they
     could clean up left behind; returns how many. A file is removed only when it is ours
-    (same user) and the process named in it, in our PID namespace, is gone. The messages themselves are not
-    lost: the ledger holds them as pending (or the cursor never passed them), so the next
-    pass fetches them again from the mailbox."""
+    (same user) and the process named in it, in our PID namespace, is gone. The messages
+    themselves are not lost: the ledger holds them as pending (or the cursor never passed
+    them), so the next pass fetches them again from the mailbox."""
     folder = Path(directory or tempfile.gettempdir())
     namespace, removed = _pid_namespace(), 0
     try:
