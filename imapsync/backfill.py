@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,7 +32,7 @@ from datetime import datetime
 from imapsync.config import Account, LoadedConfig
 from imapsync.errors import ExitCode, LedgerError, SourceError
 from imapsync.imap_source import ImapSource
-from imapsync.lease import AccountLease, worker_name
+from imapsync.lease import AccountLease, holder_gone, worker_name
 from imapsync.ledger import FolderRow, Ledger, now
 from imapsync.progress import AccountProgress, Phase, Tracker
 from imapsync.service import PassResult, connector, make_sinks, settings_of
@@ -80,21 +79,6 @@ class BackfillResult:
 
 # ----- the account's lease -----------------------------------------------------------------
 
-def _stale(owner: str) -> bool:
-    """True for a lease written by `lease.worker_name` of a process of this machine that is gone."""
-    _role, at, where = owner.rpartition("@")
-    host, _, pid = where.rpartition(":")
-    if not at or host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
 @contextmanager
 def account_lease(ledger: Ledger, account: str, purpose: str, seconds: float, wait: float,
                   stop: threading.Event) -> Iterator[AccountLease]:
@@ -109,7 +93,7 @@ def account_lease(ledger: Ledger, account: str, purpose: str, seconds: float, wa
                 yield lease
                 return
             holder = ledger.lease_holder(account)
-            if holder and _stale(holder["owner"]):
+            if holder and holder_gone(holder["owner"]):
                 log.warning("Account %s: taking over the lease of %s, a process that is gone", account,
                             holder["owner"])
                 ledger.release_lease(account, holder["owner"])

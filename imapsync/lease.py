@@ -19,6 +19,7 @@ import threading
 import time
 from types import TracebackType
 
+from imapsync import process
 from imapsync.errors import LedgerError
 from imapsync.ledger import Ledger
 
@@ -33,19 +34,12 @@ def worker_name(role: str) -> str:
     return f"{role}@{socket.gethostname()}:{os.getpid()}"
 
 
-def _dead_here(owner: str) -> bool:
-    """True when `owner` (role@host:pid) names a process of this machine that has ended."""
+def holder_gone(owner: str) -> bool:
+    """True when `owner` (role@host:pid, see `worker_name`) names a process of this machine
+    that has ended."""
     _role, _, where = owner.partition("@")
     host, _, pid = where.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, someone else's
-        return False
-    return False
+    return host == socket.gethostname() and pid.isdigit() and process.gone(int(pid))
 
 
 class _Renewals:
@@ -119,7 +113,7 @@ class AccountLease:
         self.held = self.ledger.acquire_lease(self.account, self.owner, self.purpose, self.seconds)
         if not self.held:
             row = self.ledger.lease_holder(self.account)
-            if row is not None and _dead_here(row["owner"]):
+            if row is not None and holder_gone(row["owner"]):
                 log.info("Account %s: taking over the lease of %s, which is no longer running",
                          self.account, row["owner"])
                 self.ledger.release_lease(self.account, row["owner"])

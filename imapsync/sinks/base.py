@@ -19,6 +19,8 @@ from enum import Enum
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from imapsync import process
+
 log = logging.getLogger("imapsync.spool")
 
 #: Spool files name the process that wrote them and its PID namespace
@@ -121,7 +123,7 @@ def sweep_stale_spool(directory: Path | None = None) -> int:
         return 0
     for entry in entries:
         match = _SPOOL_NAME.match(entry.name)
-        if match is None or int(match.group(2)) != namespace or _alive(int(match.group(1))):
+        if match is None or int(match.group(2)) != namespace or not process.gone(int(match.group(1))):
             continue
         try:
             if entry.stat(follow_symlinks=False).st_uid != os.getuid() or not entry.is_file(follow_symlinks=False):
@@ -134,16 +136,6 @@ def sweep_stale_spool(directory: Path | None = None) -> int:
         log.warning("Removed %d spooled message file(s) from %s left by imapsync processes that were killed; "
                     "their messages are fetched again from the mailbox", removed, folder)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # it exists but is not ours to signal
-    return True
 
 
 @dataclass(frozen=True)
