@@ -200,6 +200,44 @@ def test_spool_files_of_a_killed_sync_are_swept_at_the_next_start_and_the_messag
         assert (receiver.store / f"{up['uploadId']}.eml").read_bytes() == big
 
 
+#: A process that dies the moment the directory sink has written its partial file, before
+#: the rename: the worst moment for a crash.
+_DIES_BEFORE_THE_RENAME = """
+import os, sys
+from pathlib import Path
+from imapsync.sinks.base import UploadRequest
+from imapsync.sinks.directory import DirectorySink
+os.replace = lambda src, dst: os._exit(9)
+DirectorySink(Path(sys.argv[1])).upload(UploadRequest.of("k", sys.argv[2], [sys.argv[3]], None, b"half a message"))
+"""
+
+
+def test_partial_files_of_a_killed_directory_sink_are_swept_and_the_message_written_again(new_mailbox, env,
+                                                                                            tmp_path):
+    alice = new_mailbox("alice")
+    raw = message(to=alice.user, subject="kept safe")
+    alice.deliver(raw)
+    out = tmp_path / "out"
+    died = subprocess.run([sys.executable, "-c", _DIES_BEFORE_THE_RENAME, str(out), DOMAIN, alice.user], check=False)
+    assert died.returncode == 9
+    partial = out / DOMAIN / ".partial"
+    [left] = list(partial.iterdir())
+    assert left.read_bytes() == b"half a message" and not list((out / DOMAIN).glob("*.eml"))
+    namespace = os.stat("/proc/self/ns/pid").st_ino
+    live = partial / f"imapsync-{os.getpid()}-{namespace}-1.part"  # a running process's: this test's
+    elsewhere = partial / f"imapsync-999999999-{namespace + 1}-1.part"  # another PID namespace's
+    for keep in (live, elsewhere):
+        keep.write_bytes(b"keep me")
+    env.write([env.account(alice)], endpoint=None, sink="directory", directory=str(out),
+              tenants=[{"domain": DOMAIN}])
+    code, out_text, err = env.sync()
+    assert code == 0, out_text + err
+    assert f"Removed 1 partially written message file(s) from {partial}" in err
+    assert sorted(partial.iterdir()) == sorted([live, elsewhere])
+    [archived] = list((out / DOMAIN).glob("*.eml"))
+    assert archived.read_bytes() == raw
+
+
 def test_messages_over_the_size_limit_are_skipped_without_fetching_the_body(new_mailbox, receiver, env, dovecot):
     from imapsync.testing.imap_proxy import CommandRecorder
     alice = new_mailbox("alice")

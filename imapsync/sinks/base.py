@@ -8,6 +8,7 @@ the next pass: UNREACHABLE (the endpoint cannot be reached at all) and FORBIDDEN
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -24,10 +25,11 @@ from imapsync import process
 log = logging.getLogger("imapsync.spool")
 
 #: Spool files name the process that wrote them and its PID namespace
-#: (imapsync-<pid>-<namespace>-<random>.eml), so that those of a process that died before
-#: removing them can be told apart and swept, and never those of another container's
-#: process that shares the folder (its pid means nothing here).
-_SPOOL_NAME = re.compile(r"imapsync-(?:sdk-)?(\d+)-(\d+)-[^/]*\.eml\Z")
+#: (imapsync-<pid>-<namespace>-<random>.eml; the directory sink's partial files end in
+#: .part), so that those of a process that died before removing them can be told apart
+#: and swept, and never those of another container's process that shares the folder
+#: (its pid means nothing here).
+_SPOOL_NAME = re.compile(r"imapsync-(?:sdk-)?(\d+)-(\d+)-[^/]*\.(?:eml|part)\Z")
 
 #: Namespace for request ids: the same message to the same vaults always gets the
 #: same id, so a retry after a crash is recognised by the API and not stored twice.
@@ -102,6 +104,7 @@ def spool_prefix(kind: str = "") -> str:
     return f"imapsync-{kind}{os.getpid()}-{_pid_namespace()}-"
 
 
+@functools.cache
 def _pid_namespace() -> int:
     try:
         return os.stat("/proc/self/ns/pid").st_ino
@@ -109,9 +112,10 @@ def _pid_namespace() -> int:
         return 0
 
 
-def sweep_stale_spool(directory: Path | None = None) -> int:
-    """Remove the spool files (0600 copies of messages) that processes killed before they
-    could clean up left behind; returns how many. A file is removed only when it is ours
+def sweep_stale_spool(directory: Path | None = None, what: str = "spooled") -> int:
+    """Remove the spool files (0600 copies of messages) in `directory` (the temporary
+    folder by default), or the directory sink's partial files, that processes killed
+    before they could clean up left behind; returns how many. A file is removed only when it is ours
     (same user) and the process named in it, in our PID namespace, is gone. The messages
     themselves are not lost: the ledger holds them as pending (or the cursor never passed
     them), so the next pass fetches them again from the mailbox."""
@@ -133,8 +137,8 @@ def sweep_stale_spool(directory: Path | None = None) -> int:
         except OSError:
             continue  # gone meanwhile, or not ours to remove
     if removed:
-        log.warning("Removed %d spooled message file(s) from %s left by imapsync processes that were killed; "
-                    "their messages are fetched again from the mailbox", removed, folder)
+        log.warning("Removed %d %s message file(s) from %s left by imapsync processes that were killed; "
+                    "their messages are fetched again from the mailbox", removed, what, folder)
     return removed
 
 

@@ -1,9 +1,12 @@
 """A sink that writes each upload as an .eml file: local archives, dry runs, demos.
 
-Files are named by request id under one folder per tenant, written to a temporary
-name and renamed, so a crash never leaves a half-written message under its final
-name and a repeated upload finds the file already there. An index.jsonl beside
-them records vaults and sender for each file.
+Files are named by request id under one folder per tenant, written first in the
+tenant's .partial folder and renamed into place, so a crash never leaves a half-written
+message among the archived ones and a repeated upload finds the file already there. An
+index.jsonl beside them records vaults and sender for each file. A partial file names
+the process writing it (as spool files do): the ones of a process that was killed are
+removed when the tenant folder is next used, and their messages, still pending in the
+ledger, are written again.
 """
 from __future__ import annotations
 
@@ -13,7 +16,16 @@ import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
-from imapsync.sinks.base import Outcome, UploadRequest, UploadResult
+from imapsync.sinks.base import (
+    Outcome,
+    UploadRequest,
+    UploadResult,
+    spool_prefix,
+    sweep_stale_spool,
+)
+
+#: Where a file is written before it is renamed into its tenant's folder.
+PARTIAL = ".partial"
 
 
 class DirectorySink:
@@ -28,7 +40,7 @@ class DirectorySink:
         try:
             index = self._index(folder)
             if not target.exists():
-                tmp = target.with_suffix(f".tmp{threading.get_ident()}")
+                tmp = folder / PARTIAL / f"{spool_prefix()}{threading.get_ident()}.part"
                 tmp.write_bytes(request.raw)
                 os.replace(tmp, target)
                 line = json.dumps({"file": target.name, "key": request.key, "vaults": list(request.vaults),
@@ -41,13 +53,15 @@ class DirectorySink:
         return UploadResult(Outcome.UPLOADED, upload_id=target.name)
 
     def _index(self, folder: Path) -> int:
-        """The tenant's index.jsonl, opened once (the folder made on first use)."""
+        """The tenant's index.jsonl, opened once (on first use, the folder is made and what
+        killed processes left in its .partial folder is removed)."""
         fd = self._indexes.get(folder)
         if fd is None:
             with self._lock:
                 fd = self._indexes.get(folder)
                 if fd is None:
-                    folder.mkdir(parents=True, exist_ok=True)
+                    (folder / PARTIAL).mkdir(parents=True, exist_ok=True)
+                    sweep_stale_spool(folder / PARTIAL, "partially written")
                     fd = os.open(folder / "index.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
                     self._indexes[folder] = fd
         return fd
