@@ -134,6 +134,7 @@ def test_directory_sink_writes_each_upload_once(tmp_path):
     assert sink.upload(request()).outcome is Outcome.UPLOADED
     files = list((tmp_path / "out" / "acme.com").glob("*.eml"))
     assert len(files) == 1 and files[0].read_bytes() == RAW
+    assert files[0].stat().st_mode & 0o777 == 0o600  # mail is private, whatever the umask
     assert len((tmp_path / "out" / "acme.com" / "index.jsonl").read_text().splitlines()) == 1
 
 

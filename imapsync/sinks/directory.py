@@ -1,6 +1,6 @@
 """A sink that writes each upload as an .eml file: local archives, dry runs, demos.
 
-Files are named by request id under one folder per tenant, written first in the
+Files (mode 0600) are named by request id under one folder per tenant, written first in the
 tenant's .partial folder and renamed into place, so a crash never leaves a half-written
 message among the archived ones and a repeated upload finds the file already there. An
 index.jsonl beside them records vaults and sender for each file. A partial file names
@@ -41,7 +41,8 @@ class DirectorySink:
             index = self._index(folder)
             if not target.exists():
                 tmp = folder / PARTIAL / f"{spool_prefix()}{threading.get_ident()}.part"
-                tmp.write_bytes(request.raw)
+                with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+                    f.write(request.raw)  # mode 0600, as the index and the ledger: mail is private
                 os.replace(tmp, target)
                 line = json.dumps({"file": target.name, "key": request.key, "vaults": list(request.vaults),
                                    "sender": request.sender, "size": request.payload.size,
