@@ -9,8 +9,8 @@ receives on disk so a run can be checked byte for byte. An administrator can als
 a configuration at it before pointing it at the real endpoint.
 
 What it stores: each completed upload as ``STORE/<uploadId>.eml`` (the exact bytes) plus
-one JSON line in ``STORE/uploads.jsonl``. On start the jsonl is read back, so a restarted
-receiver on the same store still answers 200 "complete" for a known requestId.
+one JSON line in ``STORE/uploads.jsonl``, both mode 0600. On start the jsonl is read back,
+so a restarted receiver on the same store still answers 200 "complete" for a known requestId.
 
 Step 1 checks, in order: scripted answer, random fault (500 / 429), API key (missing or
 wrong -> always 403 ``forbidden``), JSON shape (400 ``bad_request``), addresses
@@ -178,7 +178,7 @@ class Receiver:
         self.store.mkdir(parents=True, exist_ok=True)
         self._load()
         # Unbuffered append: each line is one write, on disk (for readers) before the answer.
-        self._journal = (self.store / "uploads.jsonl").open("ab", buffering=0)
+        self._journal = open(_private(self.store / "uploads.jsonl", os.O_APPEND), "ab", buffering=0)  # noqa: SIM115
         try:
             server = _Server(self, (self.host, self.port))
         except BaseException:
@@ -369,7 +369,7 @@ class _Incoming:
 
     def __init__(self, store: Path) -> None:
         self.path = os.path.join(store, f".incoming-{os.urandom(8).hex()}.part")
-        self.file = open(self.path, "xb")  # noqa: SIM115 - closed by discard()
+        self.file = open(_private(self.path, os.O_EXCL), "wb")  # noqa: SIM115 - closed by discard()
         self.hash = hashlib.sha256()
         self.size = 0
 
@@ -704,6 +704,11 @@ class _Connection(asyncio.BufferedProtocol):
         if self.error is None:
             self.error = exc
         self._wake()
+
+
+def _private(path: str | Path, flags: int) -> int:
+    """A file descriptor for writing a file only its owner may read: what it receives is mail."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | flags, 0o600)
 
 
 def _discard(chunk: memoryview) -> None:

@@ -84,6 +84,7 @@ def test_two_step_upload_stores_exact_bytes_and_one_line(rx: Receiver, http: req
     files, lines = stored(rx)
     assert files == [rx.store / f"{granted['uploadId']}.eml"]
     assert files[0].read_bytes() == MAIL
+    assert {p.stat().st_mode & 0o777 for p in (files[0], rx.store / "uploads.jsonl")} == {0o600}  # mail is private
     assert len(lines) == 1
     line = lines[0]
     assert line.pop("receivedAt").endswith("+00:00")
