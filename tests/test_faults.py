@@ -114,9 +114,12 @@ PROXY_FAULTS = {
 def test_imap_fault_on_two_connections_then_every_message_archived_once(fault, connections, new_mailbox, receiver,
                                                                         env, dovecot):
     """Two faults, on the first two connections that carry message bodies: with one connection
-    per account that is the only one (and its replacement); with four, the body fetchers."""
+    per account that is the only one (and its replacement); with four, the body fetchers.
+    24 messages of 20 KB: enough that the pass after the first fault still carries over 60 KB
+    on some connection (with 12, the second fault came only when two body fetchers reached
+    60 KB before the first one's fault ended the pass: a race)."""
     alice = new_mailbox("alice")
-    raws = deliver_many(alice, 12, 20_000, f"proxy-{fault.value}-{connections}")
+    raws = deliver_many(alice, 24, 20_000, f"proxy-{fault.value}-{connections}")
     with FaultProxy(dovecot.host, dovecot.port, faults=2, **PROXY_FAULTS[fault]) as proxy:
         env.write([env.account(alice, port=proxy.port, timeout=1)], endpoint=receiver.url, upload=FAST_UPLOADS,
                   fetch={"reconnect_backoff": 0.05, "batch_bytes": 50_000, "connections": connections})
@@ -127,9 +130,9 @@ def test_imap_fault_on_two_connections_then_every_message_archived_once(fault, c
     assert 1 <= err.count("reconnecting") <= 2, err  # two faults in one pass cost one reconnect
     result = account_for(env, receiver, raws)
     report(f"imap {fault.value} x2, {connections} connection(s)", messages=len(raws), **result)
-    assert result == {"archived": 12, "duplicates": 0, "failed_with_reason": 0, "lost": 0, "reasons": {},
+    assert result == {"archived": len(raws), "duplicates": 0, "failed_with_reason": 0, "lost": 0, "reasons": {},
                       "uploaded_but_not_stored": 0}
-    assert env.status()["accounts"][0]["counts"]["uploaded"] == 12
+    assert env.status()["accounts"][0]["counts"]["uploaded"] == len(raws)
     assert_ledger_consistent(env)
 
 
