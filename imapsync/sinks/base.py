@@ -113,10 +113,10 @@ def _pid_namespace() -> int:
 
 
 def sweep_stale_spool(directory: Path | None = None, what: str = "spooled") -> int:
-    """Remove the spool files (0600 copies of messages) in `directory` (the temporary
-    folder by default), or the directory sink's partial files, that processes killed
-    before they could clean up left behind; returns how many. A file is removed only when it is ours
-    (same user) and the process named in it, in our PID namespace, is gone. The messages
+    """Remove what processes killed before they could clean up left in `directory`: spool
+    files (0600 copies of messages; the temporary folder by default) or the directory
+    sink's partial files; returns how many. A file is removed only when it is ours (same
+    user) and the process named in it, in our PID namespace, is gone. The messages
     themselves are not lost: the ledger holds them as pending (or the cursor never passed
     them), so the next pass fetches them again from the mailbox."""
     folder = Path(directory or tempfile.gettempdir())
