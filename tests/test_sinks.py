@@ -3,6 +3,7 @@ receiver (one test per row of the API's answer table), and the directory sink.""
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import pytest
 from conftest import API_KEY
@@ -136,6 +137,43 @@ def test_directory_sink_writes_each_upload_once(tmp_path):
     assert len(files) == 1 and files[0].read_bytes() == RAW
     assert files[0].stat().st_mode & 0o777 == 0o600  # mail is private, whatever the umask
     assert len((tmp_path / "out" / "acme.com" / "index.jsonl").read_text().splitlines()) == 1
+
+
+def test_directory_sink_puts_a_message_on_disk_before_it_counts_as_uploaded(tmp_path, monkeypatch):
+    """Once upload() answers, the ledger moves the folder's cursor past the message, so a
+    power cut must not be able to take its file: the bytes are flushed before the file gets
+    its name, and the name and the index line before the answer. Also for a file found
+    already there (a run stopped before flushing it). The real calls, watched in order."""
+    import os
+
+    calls: list[tuple[str, str]] = []
+    real = {name: getattr(os, name) for name in ("fdatasync", "fsync", "replace")}
+
+    def watched(name):
+        def call(*args):
+            what = args[0] if name == "replace" else os.readlink(f"/proc/self/fd/{args[0]}")
+            calls.append((name, str(Path(what).resolve().relative_to(out.resolve()))))
+            return real[name](*args)
+        return call
+
+    for name in real:
+        monkeypatch.setattr(os, name, watched(name))
+    out = tmp_path / "out"
+    sink = DirectorySink(out)
+    try:
+        assert sink.upload(request()).outcome is Outcome.UPLOADED
+        [eml] = (out / "acme.com").glob("*.eml")
+        [(_, partial)] = [c for c in calls if c[0] == "replace"]
+        assert partial.startswith("acme.com/.partial/")
+        assert calls == [("fsync", "."),  # the tenant folder's name, at its first use
+                         ("fdatasync", partial), ("replace", partial),
+                         ("fdatasync", "acme.com/index.jsonl"), ("fsync", "acme.com")]
+        calls.clear()
+        assert sink.upload(request()).outcome is Outcome.UPLOADED
+        assert calls == [("fsync", f"acme.com/{eml.name}"), ("fdatasync", "acme.com/index.jsonl"),
+                         ("fsync", "acme.com")]
+    finally:
+        sink.close()
 
 
 def test_the_environment_proxy_is_used_unless_no_proxy_names_the_host(receiver, monkeypatch):

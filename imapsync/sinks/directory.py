@@ -2,7 +2,11 @@
 
 Files (mode 0600) are named by request id under one folder per tenant, written first in the
 tenant's .partial folder and renamed into place, so a crash never leaves a half-written
-message among the archived ones and a repeated upload finds the file already there. An
+message among the archived ones and a repeated upload finds the file already there.
+A message counts as uploaded only once its bytes, its name and its index line are on disk
+(fdatasync, then fsync of the folder): the ledger then moves the folder's cursor past it,
+so a file that a power cut could still take would be a message lost. mbsync does the same
+by default. Concurrent uploads share the filesystem's journal commits. An
 index.jsonl beside them records vaults and sender for each file. A partial file names
 the process writing it (as spool files do): the ones of a process that was killed are
 removed when the tenant folder is next used, and their messages, still pending in the
@@ -33,6 +37,7 @@ class DirectorySink:
         self.root = root
         self._lock = threading.Lock()
         self._indexes: dict[Path, int] = {}  # tenant folder -> index.jsonl opened for appending
+        self._folders: dict[Path, int] = {}  # tenant folder -> the folder itself, opened to fsync it
 
     def upload(self, request: UploadRequest) -> UploadResult:
         folder = self.root / request.tenant
@@ -43,11 +48,17 @@ class DirectorySink:
                 tmp = folder / PARTIAL / f"{spool_prefix()}{threading.get_ident()}.part"
                 with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
                     f.write(request.raw)  # mode 0600, as the index and the ledger: mail is private
+                    f.flush()
+                    os.fdatasync(f.fileno())  # the bytes are on disk before their name is
                 os.replace(tmp, target)
                 line = json.dumps({"file": target.name, "key": request.key, "vaults": list(request.vaults),
                                    "sender": request.sender, "size": request.payload.size,
                                    "at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
                 os.write(index, (line + "\n").encode())  # one O_APPEND write: whole lines without a lock
+            else:  # written by a run that may have stopped before it was on disk
+                _fsync(target, os.O_RDONLY)
+            os.fdatasync(index)
+            os.fsync(self._folders[folder])  # the name is on disk before the ledger says uploaded
         except OSError as e:
             return UploadResult(Outcome.UNREACHABLE, reason="directory_error",
                                 detail=f"cannot write {target}: {e.strerror}")
@@ -64,11 +75,22 @@ class DirectorySink:
                     (folder / PARTIAL).mkdir(parents=True, exist_ok=True)
                     sweep_stale_spool(folder / PARTIAL, "partially written")
                     fd = os.open(folder / "index.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                    self._folders[folder] = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+                    _fsync(folder.parent, os.O_RDONLY | os.O_DIRECTORY)  # the tenant folder's own name
                     self._indexes[folder] = fd
         return fd
 
     def close(self) -> None:
         with self._lock:
-            fds, self._indexes = list(self._indexes.values()), {}
+            fds = [*self._indexes.values(), *self._folders.values()]
+            self._indexes, self._folders = {}, {}
         for fd in fds:
             os.close(fd)
+
+
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
