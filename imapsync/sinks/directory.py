@@ -14,6 +14,7 @@ ledger, are written again.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import threading
@@ -56,9 +57,9 @@ class DirectorySink:
                                    "at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
                 os.write(index, (line + "\n").encode())  # one O_APPEND write: whole lines without a lock
             else:  # written by a run that may have stopped before it was on disk
-                _fsync(target, os.O_RDONLY)
+                _sync(target)
             os.fdatasync(index)
-            os.fsync(self._folders[folder])  # the name is on disk before the ledger says uploaded
+            _fsync_folder(self._folders[folder])  # the name is on disk before the ledger says uploaded
         except OSError as e:
             return UploadResult(Outcome.UNREACHABLE, reason="directory_error",
                                 detail=f"cannot write {target}: {e.strerror}")
@@ -76,7 +77,7 @@ class DirectorySink:
                     sweep_stale_spool(folder / PARTIAL, "partially written")
                     fd = os.open(folder / "index.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
                     self._folders[folder] = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-                    _fsync(folder.parent, os.O_RDONLY | os.O_DIRECTORY)  # the tenant folder's own name
+                    _sync(folder.parent, folder=True)  # the tenant folder's own name
                     self._indexes[folder] = fd
         return fd
 
@@ -88,9 +89,21 @@ class DirectorySink:
             os.close(fd)
 
 
-def _fsync(path: Path, flags: int) -> None:
-    fd = os.open(path, flags)
+def _sync(path: Path, folder: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if folder else 0))
     try:
-        os.fsync(fd)
+        if folder:
+            _fsync_folder(fd)
+        else:
+            os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_folder(fd: int) -> None:
+    """Some filesystems cannot sync a folder (EINVAL): their names need nothing more."""
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
