@@ -2,15 +2,16 @@
 
 Files (mode 0600) are named by request id under one folder per tenant, written first in the
 tenant's .partial folder and renamed into place, so a crash never leaves a half-written
-message among the archived ones and a repeated upload finds the file already there.
-A message counts as uploaded only once its bytes, its name and its index line are on disk
-(fdatasync, then fsync of the folder): the ledger then moves the folder's cursor past it,
-so a file that a power cut could still take would be a message lost. mbsync does the same
-by default. Concurrent uploads share the filesystem's journal commits. An
+message among the archived ones and a repeated upload finds the file already there. An
 index.jsonl beside them records vaults and sender for each file. A partial file names
 the process writing it (as spool files do): the ones of a process that was killed are
 removed when the tenant folder is next used, and their messages, still pending in the
 ledger, are written again.
+
+A message counts as uploaded only once its bytes, its name and its index line are on disk
+(fdatasync, then fsync of the folder): the ledger then moves the folder's cursor past it,
+so a file that a power cut could still take would be a message lost. mbsync does the same
+by default. Concurrent uploads share the filesystem's journal commits.
 """
 from __future__ import annotations
 
